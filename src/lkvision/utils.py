@@ -1,0 +1,55 @@
+"""Parameter and FLOP/MAC counting."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["count_params", "count_flops", "count_macs", "nonzero_params"]
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        n += p.numel()
+    return n
+
+
+def nonzero_params(model: nn.Module) -> int:
+    """Number of non-zero parameter elements (what sparse-training papers report)."""
+    return sum(int((p != 0).sum()) for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(
+    model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224), by_operator: bool = False
+) -> int | tuple[int, dict]:
+    """FLOPs of one forward pass measured by ``torch.utils.flop_counter.FlopCounterMode``
+    (1 multiply-add = 2 FLOPs). lkvision's custom ops register their own formulas, so they are
+    counted. The model is run in eval mode on zeros of ``input_size`` on its own device/dtype."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(iter(model.parameters()), None)
+    x = torch.zeros(input_size, device=p.device if p is not None else "cpu",
+                    dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as fc:
+            model(x)
+    finally:
+        model.train(was_training)
+    total = fc.get_total_flops()
+    if by_operator:
+        ops = {str(k): int(v) for k, v in fc.get_flop_counts().get("Global", {}).items()}
+        return total, ops
+    return total
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224)) -> int:
+    """Multiply-accumulates of one forward (= FLOPs / 2; what the papers call "FLOPs")."""
+    return count_flops(model, input_size) // 2
