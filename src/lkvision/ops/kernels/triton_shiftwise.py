@@ -1,0 +1,234 @@
+"""Fused Triton kernel for the folded Shiftwise (SW) layer (SW.md §2, "equivalent large-kernel view").
+
+With the shift-add op folded into depth-wise kernels, one SW layer on the rep channels is
+
+    H = x (*) kh   kh (R, 1, k, L), padded (left=mid, right=L-1-mid, top=k//2, bottom=k//2)
+    V = x (*) kv   kv (R, 1, L, k), padded (left=k//2, right=k//2, top=mid, bottom=L-1-mid)
+    S = x (*) ks   ks (R, 1, k, k), 'same'
+
+with L = k * ceil(M / k), mid = M // 2 (M = ``big_kernel``). :func:`shiftwise_strips` computes the three
+terms in ONE kernel launch (each output tile reads its input window once through the cache and is written
+once):
+
+* ``separate=True`` (training: three BNs follow): returns (H, V, S);
+* ``separate=False`` (eval/deploy, BN folded into kh/kv/ks/bias): returns ``H + V + S + x + bias``.
+
+Backward: the input gradient is the same fused kernel on the output gradient(s) with flipped kernels and
+complementary offsets (plus the identity term for the deploy form); the three weight gradients use the
+deterministic two-stage reduction kernel of :mod:`.triton_dwconv`. Differentiable through the custom ops
+``lkvision::triton_shiftwise`` (separate) and ``lkvision::triton_shiftwise_fused`` (deploy form); PyTorch
+fallback when the kernels cannot run on the input's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._common import SUPPORTED_DTYPES, is_channels_last
+from .triton_dwconv import _use_kernels, dwconv2d_reference, dwconv_forward_terms
+
+__all__ = ["shiftwise_strips", "shiftwise_strips_reference", "strip_paddings"]
+
+
+def strip_paddings(k: int, strip_len: int, big_kernel: int) -> tuple[list[int], list[int], list[int]]:
+    """F.pad-style (left, right, top, bottom) paddings of the horizontal, vertical and small terms."""
+    mid = big_kernel // 2
+    h = [mid, strip_len - 1 - mid, k // 2, k // 2]
+    v = [k // 2, k // 2, mid, strip_len - 1 - mid]
+    s = [k // 2, k // 2, k // 2, k // 2]
+    return h, v, s
+
+
+def _check(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None, big_kernel: int,
+           small_kernel: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"shiftwise_strips: expected x of shape (B, R, H, W), got {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"shiftwise_strips: unsupported dtype {x.dtype}; use float32/float16/bfloat16")
+    r = x.shape[1]
+    k = small_kernel
+    if k % 2 != 1:
+        raise ValueError(f"shiftwise_strips: small_kernel must be odd, got {k}")
+    if kh.dim() != 4 or kh.shape[0] != r or kh.shape[1] != 1 or kh.shape[2] != k:
+        raise ValueError(f"shiftwise_strips: kh must have shape ({r}, 1, {k}, L), got {tuple(kh.shape)}")
+    strip_len = kh.shape[3]
+    if tuple(kv.shape) != (r, 1, strip_len, k):
+        raise ValueError(f"shiftwise_strips: kv must have shape ({r}, 1, {strip_len}, {k}), got {tuple(kv.shape)}")
+    if tuple(ks.shape) != (r, 1, k, k):
+        raise ValueError(f"shiftwise_strips: ks must have shape ({r}, 1, {k}, {k}), got {tuple(ks.shape)}")
+    if not 0 <= big_kernel // 2 < strip_len:
+        raise ValueError(f"shiftwise_strips: big_kernel={big_kernel} needs mid={big_kernel // 2} < L={strip_len}")
+    if bias is not None and tuple(bias.shape) != (r,):
+        raise ValueError(f"shiftwise_strips: bias must have shape ({r},), got {tuple(bias.shape)}")
+
+
+def _offsets(kh: Tensor, big_kernel: int) -> list[tuple[int, int]]:
+    """(top, left) offsets of the three terms."""
+    k, strip_len = kh.shape[2], kh.shape[3]
+    return [(left_right_top_bottom[2], left_right_top_bottom[0])
+            for left_right_top_bottom in strip_paddings(k, strip_len, big_kernel)]
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+
+
+def shiftwise_strips_reference(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None,
+                               big_kernel: int, separate: bool = True):
+    """Three depth-wise ``F.conv2d`` calls (the PyTorch definition the kernel must match)."""
+    ph, pv, ps = strip_paddings(kh.shape[2], kh.shape[3], big_kernel)
+    h = dwconv2d_reference(x, kh, None, ph)
+    v = dwconv2d_reference(x, kv, None, pv)
+    s = dwconv2d_reference(x, ks, None, ps)
+    if separate:
+        return h, v, s
+    out = h + v + s + x
+    if bias is not None:
+        out = out + bias.to(out.dtype).view(1, -1, 1, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("lkvision::triton_shiftwise", mutates_args=(),
+                         schema="(Tensor x, Tensor kh, Tensor kv, Tensor ks, int big_kernel) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _shiftwise_op(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, big_kernel: int):
+    if not _use_kernels(x):
+        fmt = _layout(x)
+        return tuple(t.contiguous(memory_format=fmt)
+                     for t in shiftwise_strips_reference(x, kh, kv, ks, None, big_kernel, separate=True))
+    h, v, s = dwconv_forward_terms([x, x, x], [kh, kv, ks], _offsets(kh, big_kernel), tuple(x.shape[-2:]),
+                                   separate=True)
+    return h, v, s
+
+
+@_shiftwise_op.register_fake
+def _(x, kh, kv, ks, big_kernel):
+    return tuple(torch.empty_like(x, memory_format=_layout(x)) for _ in range(3))
+
+
+@torch.library.custom_op("lkvision::triton_shiftwise_fused", mutates_args=(),
+                         schema="(Tensor x, Tensor kh, Tensor kv, Tensor ks, Tensor? bias, int big_kernel) -> Tensor")
+def _shiftwise_fused_op(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None,
+                        big_kernel: int) -> Tensor:
+    if not _use_kernels(x):
+        out = shiftwise_strips_reference(x, kh, kv, ks, bias, big_kernel, separate=False)
+        return out.contiguous(memory_format=_layout(x))
+    xs = x if x.is_contiguous(memory_format=_layout(x)) else x.contiguous(memory_format=_layout(x))
+    return dwconv_forward_terms([xs, xs, xs], [kh, kv, ks], _offsets(kh, big_kernel), tuple(x.shape[-2:]),
+                                identity=xs, bias=bias)[0]
+
+
+@_shiftwise_fused_op.register_fake
+def _(x, kh, kv, ks, bias, big_kernel):
+    return torch.empty_like(x, memory_format=_layout(x))
+
+
+@torch.library.custom_op("lkvision::triton_shiftwise_grad_input", mutates_args=(),
+                         schema="(Tensor gh, Tensor gv, Tensor gs, Tensor kh, Tensor kv, Tensor ks, int big_kernel, "
+                                "bool add_identity, bool channels_last) -> Tensor")
+def _shiftwise_grad_input_op(gh: Tensor, gv: Tensor, gs: Tensor, kh: Tensor, kv: Tensor, ks: Tensor,
+                             big_kernel: int, add_identity: bool, channels_last: bool) -> Tensor:
+    """dx = H^T gh + V^T gv + S^T gs (+ gh when add_identity; the deploy form passes gh = gv = gs = g)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    weights = [kh, kv, ks]
+    if not _use_kernels(gh):
+        pads = strip_paddings(kh.shape[2], kh.shape[3], big_kernel)
+        gx = None
+        for g, w, (left, _, top, _) in zip((gh, gv, gs), weights, pads):
+            kh_, kw_ = w.shape[-2:]
+            adj = (kw_ - 1 - left, left, kh_ - 1 - top, top)  # full correlation, cropped to the input
+            t = dwconv2d_reference(g, w.flip((-2, -1)), None, adj)
+            gx = t if gx is None else gx + t
+        if add_identity:
+            gx = gx + gh
+        return gx.contiguous(memory_format=fmt)
+    grads = [g.contiguous(memory_format=fmt) for g in (gh, gv, gs)]
+    if add_identity and gh is gv and gv is gs:
+        grads = [grads[0]] * 3
+    offs = [(w.shape[-2] - 1 - top, w.shape[-1] - 1 - left)
+            for w, (top, left) in zip(weights, _offsets(kh, big_kernel))]
+    flipped = [w.flip((-2, -1)) for w in weights]
+    return dwconv_forward_terms(grads, flipped, offs, tuple(gh.shape[-2:]), channels_last=channels_last,
+                                identity=grads[0] if add_identity else None)[0]
+
+
+@_shiftwise_grad_input_op.register_fake
+def _(gh, gv, gs, kh, kv, ks, big_kernel, add_identity, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty_like(gh, memory_format=fmt)
+
+
+def _weight_grads(ctx, grads: Sequence[Tensor], x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor):
+    pads = strip_paddings(kh.shape[2], kh.shape[3], ctx.big_kernel)
+    out = []
+    for n, (g, w, pad) in enumerate(zip(grads, (kh, kv, ks), pads)):
+        if ctx.needs_input_grad[1 + n]:
+            gw = torch.ops.lkvision.triton_dwconv2d_grad_weight(g, x, list(w.shape[-2:]), pad)
+            out.append(gw.to(w.dtype))
+        else:
+            out.append(None)
+    return out
+
+
+def _setup(ctx, inputs, output):
+    x, kh, kv, ks = inputs[:4]
+    ctx.save_for_backward(x, kh, kv, ks)
+    ctx.big_kernel = inputs[-1]
+    ctx.has_bias = len(inputs) == 6 and inputs[4] is not None
+    ctx.bias_dtype = inputs[4].dtype if ctx.has_bias else None
+
+
+def _shiftwise_backward(ctx, gh, gv, gs):
+    x, kh, kv, ks = ctx.saved_tensors
+    gh, gv, gs = (torch.zeros_like(x) if g is None else g for g in (gh, gv, gs))
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.lkvision.triton_shiftwise_grad_input(gh, gv, gs, kh, kv, ks, ctx.big_kernel, False,
+                                                             is_channels_last(x))
+    gkh, gkv, gks = _weight_grads(ctx, (gh, gv, gs), x, kh, kv, ks)
+    return gx, gkh, gkv, gks, None
+
+
+def _shiftwise_fused_backward(ctx, g):
+    x, kh, kv, ks = ctx.saved_tensors
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.lkvision.triton_shiftwise_grad_input(g, g, g, kh, kv, ks, ctx.big_kernel, True,
+                                                             is_channels_last(x))
+    gkh, gkv, gks = _weight_grads(ctx, (g, g, g), x, kh, kv, ks)
+    gb = None
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        gb = g.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
+    return gx, gkh, gkv, gks, gb, None
+
+
+_shiftwise_op.register_autograd(_shiftwise_backward, setup_context=_setup)
+_shiftwise_fused_op.register_autograd(_shiftwise_fused_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------
+def shiftwise_strips(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None, big_kernel: int,
+                     small_kernel: int = 3, separate: bool = True):
+    """Folded SW layer on the rep channels, one fused kernel.
+
+    x (B, R, H, W) (NCHW or channels_last); kh (R, 1, k, L), kv (R, 1, L, k), ks (R, 1, k, k) with
+    k = ``small_kernel`` (odd) and L = k * ceil(M / k) for M = ``big_kernel``; bias (R,) or None.
+
+    ``separate=True``: returns (H, V, S), each (B, R, H, W) (``bias`` must be None: the BNs follow).
+    ``separate=False``: returns ``H + V + S + x + bias`` (B, R, H, W), the eval/deploy form.
+    Outputs keep the layout of ``x``; differentiable w.r.t. x, kh, kv, ks and bias.
+    """
+    _check(x, kh, kv, ks, bias, big_kernel, small_kernel)
+    if separate:
+        if bias is not None:
+            raise ValueError("shiftwise_strips: bias is only used with separate=False (the deploy form)")
+        return torch.ops.lkvision.triton_shiftwise(x, kh, kv, ks, int(big_kernel))
+    return torch.ops.lkvision.triton_shiftwise_fused(x, kh, kv, ks, bias, int(big_kernel))
