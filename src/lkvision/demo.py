@@ -1,0 +1,142 @@
+"""``lkvision demo``: build a model, re-parameterize it, check train/deploy parity, print size, MACs, speed.
+
+Example::
+
+    lkvision demo --model sw_tiny --img-size 224 --batch 2
+
+Steps: build the model (random init), give every BatchNorm random running statistics and affine parameters
+and every layer scale / GRN non-trivial values (otherwise folding them would be trivially exact), compare
+the eval-mode outputs of the train form and the deploy form (:func:`lkvision.reparameterize`), then report
+parameters (train form, rep branches merged, fully folded), MACs (:func:`lkvision.utils.count_macs`, batch 1)
+and eval throughput of both forms. Exit status 1 if the relative parity error exceeds ``--tol``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from torch import nn
+
+__all__ = ["main", "randomize_statistics"]
+
+
+@torch.no_grad()
+def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BN running stats/affine ~ the golden-file distributions; layer-scale/GRN gamma ~ U(0.5, 1.5),
+    GRN beta ~ N(0, 0.1^2). Uses its own generator (the global RNG is untouched)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(t: torch.Tensor, kind: str) -> None:
+        r = torch.rand(t.shape, generator=g) + 0.5 if kind == "u" else torch.randn(t.shape, generator=g) * 0.1
+        t.copy_(r.to(t.dtype))
+
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            draw(m.running_mean, "n")
+            draw(m.running_var, "u")
+            if m.weight is not None:
+                draw(m.weight, "u")
+                draw(m.bias, "n")
+        for name, kind in (("gamma", "u"), ("beta", "n")):
+            p = getattr(m, name, None)
+            if isinstance(p, nn.Parameter) and p.is_floating_point():
+                draw(p, kind)
+    return model
+
+
+def _throughput(model: nn.Module, x: torch.Tensor, min_time: float) -> float:
+    """Images per second of eval-mode inference: at least one pass and ``min_time`` seconds (the model is
+    assumed warm: the parity check already ran it on the same input)."""
+    with torch.no_grad():
+        n, t0 = 0, time.perf_counter()
+        while n < 1 or time.perf_counter() - t0 < min_time:
+            model(x)
+            n += 1
+        dt = time.perf_counter() - t0
+    return n * x.shape[0] / dt
+
+
+def _merged_params(model: nn.Module) -> int:
+    """Parameters after merging every layer's rep branches (``merge_branches()``) without building it."""
+    from lkvision.utils import count_params
+
+    n = count_params(model)
+    for m in model.modules():
+        branches = getattr(m, "branches", None)
+        if callable(getattr(m, "merge_branches", None)) and isinstance(branches, nn.ModuleList):
+            n -= sum(p.numel() for b in branches[1:] for p in b.parameters())
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lkvision demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="sw_tiny", help="registered model name (default: sw_tiny)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tol", type=float, default=1e-4, help="max |y_train - y_deploy| / max |y_train| (1e-4)")
+    p.add_argument("--bench-time", type=float, default=1.0, help="seconds per throughput measurement")
+    p.add_argument("--no-flops", action="store_true", help="skip the MAC count")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--model-kwargs", default=None, help="extra model constructor kwargs as JSON")
+    args = p.parse_args(argv)
+    if args.img_size < 32 or args.batch < 1:
+        p.error("--img-size must be >= 32 and --batch >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import json
+
+    import lkvision
+    from lkvision.utils import count_macs, count_params
+
+    extra = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    try:
+        model = lkvision.create_model(args.model, **extra)
+    except (ValueError, TypeError) as e:
+        print(f"lkvision demo: error: {e}", file=sys.stderr)
+        return 2
+    randomize_statistics(model, args.seed).eval()
+    x = torch.randn(args.batch, model.in_chans, args.img_size, args.img_size,
+                    generator=torch.Generator().manual_seed(args.seed + 1))
+    deploy = lkvision.reparameterize(model)
+    t_build = time.perf_counter() - t0
+
+    with torch.no_grad():
+        y = model(x)
+        y_deploy = deploy(x)
+    diff = float((y - y_deploy).abs().max())
+    scale = float(y.abs().max())
+    rel = diff / max(scale, 1e-12)
+
+    print(f"model: {args.model}   input: {tuple(x.shape)}   threads: {torch.get_num_threads()}   "
+          f"(build + re-parameterize {t_build:.1f} s)")
+    print(f"parity (eval, randomized BN statistics): max|y_train - y_deploy| = {diff:.3e}  "
+          f"(max|y| = {scale:.3f}, relative {rel:.2e}, tolerance {args.tol:.0e})")
+    print(f"{'form':<26}{'params (M)':>12}{'GMACs':>10}{'img/s':>10}")
+    size = (1, model.in_chans, args.img_size, args.img_size)
+    macs = {"train": float("nan"), "deploy": float("nan")}
+    if not args.no_flops:
+        macs = {"train": count_macs(model, size) / 1e9, "deploy": count_macs(deploy, size) / 1e9}
+    speed = {"train": _throughput(model, x, args.bench_time), "deploy": _throughput(deploy, x, args.bench_time)}
+    rows = [("train", count_params(model), macs["train"], speed["train"]),
+            # branches are summed before the op, so the merged form runs the same ops as the train form
+            ("rep branches merged", _merged_params(model), macs["train"], None),
+            ("deploy (fully folded)", count_params(deploy), macs["deploy"], speed["deploy"])]
+    for label, n, g, sp in rows:
+        sps = f"{sp:10.2f}" if sp is not None else f"{'-':>10}"
+        print(f"{label:<26}{n / 1e6:12.2f}{g:10.2f}{sps}")
+    if not rel <= args.tol:
+        print(f"FAIL: train/deploy mismatch {rel:.2e} > {args.tol:.0e}", file=sys.stderr)
+        return 1
+    print("OK: the deploy form computes the same function")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

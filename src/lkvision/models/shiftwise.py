@@ -1,0 +1,296 @@
+"""ShiftWise (SW) networks: the ShiftWise_v2 macro architecture (UniRepLKNet-style) with Shiftwise convs.
+
+Paper: "Shift-ConvNets / ShiftwiseConv: Small Convolutional Kernel with Large Kernel Effect" (CVPR 2025).
+
+Macro architecture (``ShiftWiseNet``)::
+
+    stem:        Conv3x3 s2 (C0/2) -> LN -> GELU -> Conv3x3 s2 (C0) -> LN                       (stride 4)
+    downsample:  Conv3x3 s2 -> LN                                                            (x3, strides 8..32)
+    block:       t = ShiftWiseConv2d(x) -> BN -> SE -> Linear(C, 4C) -> GELU -> GRN -> Linear(4C, C, no bias)
+                     -> BN;   x = x + DropPath(gamma * t)
+    head:        global average pool -> LayerNorm -> Linear
+
+Deploy form (:func:`lkvision.reparameterize`): every ShiftWiseConv2d becomes two biased strip depth-wise
+convs, the post-SW BN is folded into them, the GRN bias, the trailing BN and the layer scale are folded into
+the second Linear. The layer names are ours; :mod:`lkvision.compat.shiftwise` maps official checkpoints.
+
+The registered variants are listed in the config table at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..layers import GRN, DropPath, LayerNorm2d, LayerScale2d, SEBlock, fold_bn_after_linear, make_bn
+from ..layers.shiftwise import ShiftWiseConv2d
+from ._base import LargeKernelNet
+from ._registry import register_model
+
+__all__ = ["ShiftWiseNet", "ShiftWiseBlock", "SW_CONFIGS", "TEST_MODELS"]
+
+
+class ShiftWiseBlock(nn.Module):
+    """One ShiftWise_v2 block. Shapes: (B, C, H, W) -> (B, C, H, W).
+
+    Sub-modules: ``sw_conv`` (ShiftWiseConv2d), ``sw_norm`` (BN), ``se`` (SE, C -> C/4 -> C), ``fc1``
+    (Linear C -> 4C), ``act`` (GELU), ``grn`` (GRN over 4C), ``fc2`` (Linear 4C -> C, no bias), ``fc_norm``
+    (BN), ``layer_scale`` (per-channel gamma, or Identity when ``layer_scale_init_value <= 0``), ``drop_path``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        big_kernel: int,
+        small_kernel: int = 3,
+        num_branches: int = 2,
+        edges: int = 4,
+        ghost_ratio: float = 0.23,
+        drop_path: float = 0.0,
+        layer_scale_init_value: float = 1e-6,
+        mlp_ratio: int = 4,
+        bn: bool = True,
+        sync_bn: bool = False,
+        table_seed: int = 123,
+        impl: str = "auto",
+        restore_channel_order: bool = False,
+    ) -> None:
+        super().__init__()
+        self.sw_conv = ShiftWiseConv2d(
+            dim, big_kernel, small_kernel, num_branches=num_branches, edges=edges, ghost_ratio=ghost_ratio,
+            bn=bn, sync_bn=sync_bn, table_seed=table_seed, impl=impl,
+            restore_channel_order=restore_channel_order,
+        )
+        self.sw_norm = make_bn(dim, sync_bn)
+        self.se = SEBlock(dim, dim // 4)
+        hidden = mlp_ratio * dim
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.grn = GRN(hidden)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+        self.fc_norm = make_bn(dim, sync_bn)
+        self.layer_scale = LayerScale2d(dim, layer_scale_init_value) if layer_scale_init_value > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.se(self.sw_norm(self.sw_conv(x)))
+        y = y.permute(0, 2, 3, 1)  # NHWC for the Linear layers and GRN
+        y = self.fc2(self.grn(self.act(self.fc1(y))))
+        y = self.layer_scale(self.fc_norm(y.permute(0, 3, 1, 2)))
+        return x + self.drop_path(y)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold BNs, GRN bias and layer scale (in place, exact in eval mode, idempotent)."""
+        if not isinstance(self.sw_norm, nn.Identity):
+            self.sw_conv.fuse_output_bn(self.sw_norm)  # also folds the SW layer itself
+            self.sw_norm = nn.Identity()
+        self.sw_conv.reparameterize()
+        fc2 = self.grn.fold_beta_into(self.fc2)
+        if not isinstance(self.fc_norm, nn.Identity):
+            scale = self.layer_scale.gamma if isinstance(self.layer_scale, LayerScale2d) else None
+            fc2 = fold_bn_after_linear(fc2, self.fc_norm, scale)
+            self.fc_norm = nn.Identity()
+            self.layer_scale = nn.Identity()
+        self.fc2 = fc2
+
+
+class ShiftWiseNet(LargeKernelNet):
+    """ShiftWise_v2 classification backbone (timm-style API from :class:`LargeKernelNet`).
+
+    Args:
+        depths, dims: blocks and channels per stage (4 stages).
+        big_kernels: equivalent kernel size M of each stage (e.g. 51, 49, 47, 13).
+        small_kernel: N, size of the small filters (3).
+        num_branches: re-parameterisable branches per SW conv (2); edges: shift-add clones (4).
+        ghost_ratio: fraction of channels that bypass each SW conv (0.23).
+        drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
+        layer_scale_init_value: initial layer scale gamma (1e-6; <= 0 disables it).
+        head_init_scale: scale of the initial classifier weights.
+        bn: BatchNorms inside the SW convs; sync_bn: SyncBatchNorm everywhere a BN is used.
+        table_seed: seed of the shift-add shuffle tables (123 = the official tables).
+        impl: op implementation for the SW convs (see :func:`lkvision.ops.shiftwise_conv`).
+        restore_channel_order: SW convs keep the input channel order (not checkpoint-compatible).
+        features_only / out_indices: return normed stage feature maps (strides 4, 8, 16, 32).
+
+    Shapes: (B, in_chans, H, W) -> (B, num_classes) logits (H, W >= 32).
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (3, 3, 18, 3),
+        dims: Sequence[int] = (80, 160, 320, 640),
+        big_kernels: Sequence[int] = (51, 49, 47, 13),
+        small_kernel: int = 3,
+        num_branches: int = 2,
+        edges: int = 4,
+        ghost_ratio: float = 0.23,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        drop_path_rate: float = 0.0,
+        layer_scale_init_value: float = 1e-6,
+        head_init_scale: float = 1.0,
+        mlp_ratio: int = 4,
+        bn: bool = True,
+        sync_bn: bool = False,
+        table_seed: int = 123,
+        impl: str = "auto",
+        restore_channel_order: bool = False,
+        features_only: bool = False,
+        out_indices: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        depths, dims, big_kernels = tuple(depths), tuple(dims), tuple(big_kernels)
+        if not (len(depths) == len(dims) == len(big_kernels) == 4):
+            raise ValueError(
+                f"depths, dims and big_kernels need 4 entries each, got {depths}, {dims}, {big_kernels}"
+            )
+        if any(int(d) != d or d < 1 for d in dims) or any(int(d) != d or d < 0 for d in depths):
+            raise ValueError(f"dims must be positive and depths non-negative integers, got {dims}, {depths}")
+        if dims[0] % 2:
+            raise ValueError(f"dims[0] must be even (the stem halves it), got {dims[0]}")
+        self.config = dict(
+            depths=list(depths), dims=list(dims), big_kernels=list(big_kernels), small_kernel=small_kernel,
+            num_branches=num_branches, edges=edges, ghost_ratio=ghost_ratio, in_chans=in_chans,
+            num_classes=num_classes, drop_path_rate=drop_path_rate,
+            layer_scale_init_value=layer_scale_init_value, head_init_scale=head_init_scale, mlp_ratio=mlp_ratio,
+            bn=bn, table_seed=table_seed, restore_channel_order=restore_channel_order,
+        )
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.num_features = dims[-1]
+
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
+            LayerNorm2d(dims[0] // 2),
+            nn.GELU(),
+            nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1),
+            LayerNorm2d(dims[0]),
+        )
+        self.downsamples = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm2d(dims[i + 1]))
+            for i in range(3)
+        )
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        cur = 0
+        for i in range(4):
+            self.stages.append(nn.Sequential(*[
+                ShiftWiseBlock(
+                    dims[i], big_kernels[i], small_kernel, num_branches=num_branches, edges=edges,
+                    ghost_ratio=ghost_ratio, drop_path=rates[cur + j],
+                    layer_scale_init_value=layer_scale_init_value, mlp_ratio=mlp_ratio, bn=bn,
+                    sync_bn=sync_bn, table_seed=table_seed, impl=impl,
+                    restore_channel_order=restore_channel_order,
+                )
+                for j in range(depths[i])
+            ]))
+            cur += depths[i]
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=2 ** (i + 2), module=f"stages.{i}") for i in range(4)
+        ]
+        self.head_norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(head_init_scale)
+                self.head.bias.mul_(head_init_scale)
+        self._init_features_mode(features_only, out_indices)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def stage_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        pres = [self.stem, *self.downsamples]
+        return list(zip(pres, self.stages))
+
+    def make_feature_norm(self, index: int, channels: int) -> nn.Module:
+        return LayerNorm2d(channels)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, C, h, w) -> logits (B, num_classes), or the normed pooled features (B, C)."""
+        x = self.head_norm(x.mean((-2, -1)))
+        return x if pre_logits else self.head(x)
+
+
+def _sw(name: str, pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    cfg = dict(SW_CONFIGS[name])
+    cfg.update(kwargs)
+    if pretrained:
+        raise ValueError("pretrained weights are loaded by lkvision.create_model(name, pretrained=<path>)")
+    return ShiftWiseNet(**cfg)
+
+
+@register_model
+def sw_tiny(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """SW-T (paper: 31 M params with merged branches, 5.0 GMACs at 224^2, 83.39% top-1)."""
+    return _sw("sw_tiny", pretrained, **kwargs)
+
+
+@register_model
+def sw_small(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """SW-S (paper: 56 M params, 9.4 GMACs)."""
+    return _sw("sw_small", pretrained, **kwargs)
+
+
+@register_model
+def sw_base(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """SW-B (registered officially, never trained or reported)."""
+    return _sw("sw_base", pretrained, **kwargs)
+
+
+@register_model
+def sw_large(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """SW-L (registered officially, never trained or reported)."""
+    return _sw("sw_large", pretrained, **kwargs)
+
+
+@register_model
+def sw_nano(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """Small CPU configuration (not from the paper)."""
+    return _sw("sw_nano", pretrained, **kwargs)
+
+
+@register_model
+def sw_pico(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """Tiny CPU configuration (not from the paper)."""
+    return _sw("sw_pico", pretrained, **kwargs)
+
+
+@register_model
+def sw_femto(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """Smallest CPU configuration for unit tests (not from the paper)."""
+    return _sw("sw_femto", pretrained, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- config table
+# Paper variants use N = 3, G = 0.23, 2 branches, 4 edges, M = 51, 49, 47, 13 (official `kernel_size`
+# [51, 49, 47, 13, 3]); sw_base/sw_large are registered in the official code but never trained.
+# sw_nano/sw_pico/sw_femto are ours: small widths and kernels sized for CPU work at 64..224 px.
+_PAPER = dict(big_kernels=(51, 49, 47, 13), small_kernel=3, num_branches=2, edges=4, ghost_ratio=0.23)
+SW_CONFIGS: dict[str, dict] = {
+    "sw_tiny": dict(depths=(3, 3, 18, 3), dims=(80, 160, 320, 640), **_PAPER),
+    "sw_small": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), **_PAPER),
+    "sw_base": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), **_PAPER),
+    "sw_large": dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536), **_PAPER),
+    "sw_nano": dict(depths=(2, 2, 4, 2), dims=(32, 64, 128, 256), big_kernels=(31, 29, 27, 13),
+                    small_kernel=3, num_branches=2, edges=4, ghost_ratio=0.23),
+    "sw_pico": dict(depths=(1, 1, 3, 1), dims=(24, 48, 96, 192), big_kernels=(19, 17, 13, 7),
+                    small_kernel=3, num_branches=2, edges=4, ghost_ratio=0.23),
+    "sw_femto": dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), big_kernels=(13, 11, 9, 7),
+                     small_kernel=3, num_branches=2, edges=4, ghost_ratio=0.23),
+}
+
+# Configurations small enough for CPU unit tests (< 1 s forward at 64^2); the generic model tests iterate them.
+TEST_MODELS: dict[str, dict] = {
+    "sw_femto": {},
+    "sw_pico": dict(ghost_ratio=0.0, edges=2, layer_scale_init_value=0.0, drop_path_rate=0.1),
+}
