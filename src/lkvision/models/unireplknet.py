@@ -1,0 +1,324 @@
+"""UniRepLKNet (Ding et al., CVPR 2024): large-kernel ConvNet with Dilated Reparam Blocks, SE and GRN.
+
+Block (dim C, kernel K)::
+
+    y = BN(dwconv_K(x))          K >= 7: DilatedReparamConv; K in {3, 5}: plain DW conv; K = 0: identity
+    y = SE(y)                    avgpool -> 1x1 C->C/4 -> ReLU -> 1x1 C/4->C -> sigmoid -> scale
+    y = Linear(4C)(y) -> GELU -> GRN -> Linear(C, no bias) -> BN      (channels-last, BN over channels)
+    out = x + DropPath(gamma * y)
+
+Stem: 3x3 s2 conv (C/2) -> LN -> GELU -> 3x3 s2 conv (C) -> LN. Downsample: 3x3 s2 conv -> LN. Head: global
+mean -> LayerNorm -> Linear. ``features_only`` adds one channels-first LayerNorm per output (the official
+downstream ``norm0..3``).
+
+Deploy form (:func:`lkvision.reparameterize`, or ``deploy=True`` at construction), spec LK.md §4.4:
+the dilated branches merge into the K x K kernel, the post-dwconv BN folds into it (3x3/5x5 convs gain a
+bias), the GRN beta folds into the last Linear, and the trailing BN and layer scale fold into that Linear too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..layers import GRN, DropPath, LayerNorm2d, LayerScale2d, SEBlock, fold_bn_after_linear, fuse_bn, make_bn
+from ..layers.dilated import DILATED_BRANCHES, DilatedReparamConv
+from ._base import LargeKernelNet
+from ._registry import register_model
+
+__all__ = ["UniRepLKNet", "UniRepLKNetBlock", "DEFAULT_KERNEL_SIZES", "TEST_MODELS"]
+
+
+class UniRepLKNetBlock(nn.Module):
+    """One UniRepLKNet block. Shapes: (B, C, H, W) -> (B, C, H, W).
+
+    Args:
+        dim: channels C.
+        kernel_size: 0 (no spatial mixing), 3 or 5 (plain depth-wise conv) or a size supported by
+            :class:`~lkvision.layers.DilatedReparamConv` (5..17, odd; used for K >= 7).
+        drop_path: stochastic-depth rate.
+        layer_scale_init_value: initial layer scale (``None``/0: no layer scale).
+        ffn_ratio: hidden width of the MLP relative to C.
+        sync_bn: SyncBatchNorm everywhere.
+        deploy: build the deploy form directly.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int,
+        drop_path: float = 0.0,
+        layer_scale_init_value: float | None = 1e-6,
+        ffn_ratio: float = 4.0,
+        sync_bn: bool = False,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        if kernel_size == 0:
+            self.dwconv: nn.Module = nn.Identity()
+            self.dwconv_bn: nn.Module = nn.Identity()
+        elif kernel_size in (3, 5):
+            self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=deploy)
+            self.dwconv_bn = nn.Identity() if deploy else make_bn(dim, sync_bn)
+        elif kernel_size >= 7 and kernel_size in DILATED_BRANCHES:
+            self.dwconv = DilatedReparamConv(dim, kernel_size, sync_bn=sync_bn, deploy=deploy)
+            self.dwconv_bn = nn.Identity() if deploy else make_bn(dim, sync_bn)
+        else:
+            supported = (0, 3, 5) + tuple(k for k in sorted(DILATED_BRANCHES) if k >= 7)
+            raise ValueError(f"UniRepLKNetBlock: kernel_size must be one of {supported}, got {kernel_size!r}")
+        self.se = SEBlock(dim, dim // 4)
+        hidden = int(ffn_ratio * dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.grn = GRN(hidden, use_bias=not deploy)
+        self.fc2 = nn.Linear(hidden, dim, bias=deploy)
+        self.fc2_bn = nn.Identity() if deploy else make_bn(dim, sync_bn)
+        use_ls = not deploy and layer_scale_init_value is not None and layer_scale_init_value > 0
+        self.layer_scale = LayerScale2d(dim, layer_scale_init_value) if use_ls else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.se(self.dwconv_bn(self.dwconv(x)))
+        y = y.permute(0, 2, 3, 1)  # NHWC
+        y = self.fc2(self.grn(self.act(self.fc1(y))))
+        y = self.fc2_bn(y.permute(0, 3, 1, 2))
+        return x + self.drop_path(self.layer_scale(y))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold into the deploy form in place (exact in eval mode, idempotent)."""
+        if hasattr(self.dwconv, "reparameterize"):
+            self.dwconv.reparameterize()
+        if isinstance(self.dwconv_bn, nn.modules.batchnorm._BatchNorm):
+            if isinstance(self.dwconv, DilatedReparamConv):
+                conv = self.dwconv.main.conv
+            else:
+                conv = self.dwconv
+            w, b = fuse_bn(conv.weight, self.dwconv_bn, conv.bias)
+            new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                            groups=conv.groups, bias=True, device=w.device, dtype=w.dtype)
+            new.weight.copy_(w)
+            new.bias.copy_(b)
+            if isinstance(self.dwconv, DilatedReparamConv):
+                self.dwconv.main.conv = new
+            else:
+                self.dwconv = new
+            self.dwconv_bn = nn.Identity()
+        if self.grn.use_bias:
+            self.fc2 = self.grn.fold_beta_into(self.fc2)
+        scale = self.layer_scale.gamma if isinstance(self.layer_scale, LayerScale2d) else None
+        if isinstance(self.fc2_bn, nn.modules.batchnorm._BatchNorm):
+            self.fc2 = fold_bn_after_linear(self.fc2, self.fc2_bn, scale)
+            self.fc2_bn = nn.Identity()
+        elif scale is not None:
+            fc = self.fc2
+            new = nn.Linear(fc.in_features, fc.out_features, bias=True, device=fc.weight.device,
+                            dtype=fc.weight.dtype)
+            new.weight.copy_(fc.weight * scale[:, None])
+            new.bias.copy_((fc.bias if fc.bias is not None else 0) * scale)
+            self.fc2 = new
+        self.layer_scale = nn.Identity()
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}"
+
+
+#: depths -> per-block kernel sizes (the official defaults).
+DEFAULT_KERNEL_SIZES: dict[tuple[int, ...], tuple[tuple[int, ...], ...]] = {
+    (2, 2, 6, 2): ((3,) * 2, (13,) * 2, (13,) * 6, (13,) * 2),
+    (2, 2, 8, 2): ((3,) * 2, (13,) * 2, (13,) * 8, (13,) * 2),
+    (3, 3, 18, 3): ((3,) * 3, (13,) * 3, (13, 3) * 9, (13,) * 3),
+    (3, 3, 27, 3): ((3,) * 3, (13,) * 3, (13, 3, 3) * 9, (13,) * 3),
+}
+
+
+class UniRepLKNet(LargeKernelNet):
+    """UniRepLKNet classifier / backbone.
+
+    Args:
+        depths: blocks per stage (4 stages).
+        dims: channels per stage.
+        kernel_sizes: per-stage tuples of per-block kernel sizes; ``None`` takes the official default for
+            ``depths`` (:data:`DEFAULT_KERNEL_SIZES`).
+        in_chans, num_classes: input channels, classes (0: no classifier; ``forward`` returns features).
+        drop_path_rate: stochastic depth, linear over all blocks.
+        layer_scale_init_value: initial layer-scale value (``None``/0: no layer scale).
+        head_init_scale: multiplies the initial classifier weight and bias.
+        ffn_ratio: MLP hidden width relative to C.
+        sync_bn: SyncBatchNorm.
+        deploy: build the deploy form directly (to load deploy-form weights).
+        features_only, out_indices: return the per-stage feature maps (strides 4/8/16/32) after a LayerNorm.
+
+    Input (B, in_chans, H, W), H, W >= 32; output logits (B, num_classes).
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (3, 3, 27, 3),
+        dims: Sequence[int] = (96, 192, 384, 768),
+        kernel_sizes: Sequence[Sequence[int]] | None = None,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        drop_path_rate: float = 0.0,
+        layer_scale_init_value: float | None = 1e-6,
+        head_init_scale: float = 1.0,
+        ffn_ratio: float = 4.0,
+        sync_bn: bool = False,
+        deploy: bool = False,
+        features_only: bool = False,
+        out_indices: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        depths, dims = tuple(int(d) for d in depths), tuple(int(d) for d in dims)
+        if len(depths) != 4 or len(dims) != 4:
+            raise ValueError(f"UniRepLKNet needs 4 stages: got depths={depths}, dims={dims}")
+        if kernel_sizes is None:
+            if depths not in DEFAULT_KERNEL_SIZES:
+                raise ValueError(
+                    f"UniRepLKNet: no default kernel_sizes for depths={depths}; pass kernel_sizes explicitly "
+                    f"(defaults exist for {sorted(DEFAULT_KERNEL_SIZES)})"
+                )
+            kernel_sizes = DEFAULT_KERNEL_SIZES[depths]
+        kernel_sizes = tuple(tuple(int(k) for k in ks) for ks in kernel_sizes)
+        if len(kernel_sizes) != 4 or any(len(ks) != d for ks, d in zip(kernel_sizes, depths)):
+            raise ValueError(
+                f"UniRepLKNet: kernel_sizes must give one size per block: depths={depths}, "
+                f"kernel_sizes={kernel_sizes}"
+            )
+        #: constructor arguments (JSON-able), used to rebuild converted checkpoints
+        self.config = dict(
+            depths=list(depths), dims=list(dims), kernel_sizes=[list(k) for k in kernel_sizes],
+            in_chans=in_chans, num_classes=num_classes, drop_path_rate=drop_path_rate,
+            layer_scale_init_value=layer_scale_init_value, head_init_scale=head_init_scale,
+            ffn_ratio=ffn_ratio, sync_bn=sync_bn, deploy=deploy, features_only=features_only,
+            out_indices=None if out_indices is None else list(out_indices),
+        )
+        self.in_chans, self.num_classes = in_chans, num_classes
+        self.depths, self.dims, self.kernel_sizes = depths, dims, kernel_sizes
+        self.num_features = dims[-1]
+
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
+            LayerNorm2d(dims[0] // 2),
+            nn.GELU(),
+            nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1),
+            LayerNorm2d(dims[0]),
+        )
+        self.downsamples = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm2d(dims[i + 1]))
+            for i in range(3)
+        )
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        self.stages = nn.ModuleList()
+        cur = 0
+        for i in range(4):
+            self.stages.append(nn.Sequential(*[
+                UniRepLKNetBlock(dims[i], kernel_sizes[i][j], drop_path=rates[cur + j],
+                                 layer_scale_init_value=layer_scale_init_value, ffn_ratio=ffn_ratio,
+                                 sync_bn=sync_bn, deploy=deploy)
+                for j in range(depths[i])
+            ]))
+            cur += depths[i]
+            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(head_init_scale)
+                self.head.bias.mul_(head_init_scale)
+        self._init_features_mode(features_only, out_indices)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def stage_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        pres = [self.stem, *self.downsamples]
+        return list(zip(pres, self.stages))
+
+    def make_feature_norm(self, index: int, channels: int) -> nn.Module:
+        return LayerNorm2d(channels)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, C, h, w) -> global mean -> LayerNorm -> (B, C) features or (B, num_classes) logits."""
+        x = self.norm(x.mean((2, 3)))
+        return x if pre_logits else self.head(x)
+
+
+# ---------------------------------------------------------------------------------------- configs
+def _create(name: str, cfg: dict, **kwargs) -> UniRepLKNet:
+    return UniRepLKNet(**{**cfg, **kwargs})
+
+
+_CFGS: dict[str, dict] = {
+    "unireplknet_a": dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320)),
+    "unireplknet_f": dict(depths=(2, 2, 6, 2), dims=(48, 96, 192, 384)),
+    "unireplknet_p": dict(depths=(2, 2, 6, 2), dims=(64, 128, 256, 512)),
+    "unireplknet_n": dict(depths=(2, 2, 8, 2), dims=(80, 160, 320, 640)),
+    "unireplknet_t": dict(depths=(3, 3, 18, 3), dims=(80, 160, 320, 640)),
+    "unireplknet_s": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)),
+    "unireplknet_b": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
+    # tiny CPU configuration for tests (covers 3x3, 5x5 and several dilated sizes)
+    "unireplknet_test": dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64),
+                             kernel_sizes=((3,), (9,), (13, 5), (7,))),
+}
+
+
+@register_model
+def unireplknet_a(**kwargs) -> UniRepLKNet:
+    """UniRepLKNet-A (4.4M params)."""
+    return _create("unireplknet_a", _CFGS["unireplknet_a"], **kwargs)
+
+
+@register_model
+def unireplknet_f(**kwargs) -> UniRepLKNet:
+    """UniRepLKNet-F (6.2M params)."""
+    return _create("unireplknet_f", _CFGS["unireplknet_f"], **kwargs)
+
+
+@register_model
+def unireplknet_p(**kwargs) -> UniRepLKNet:
+    """UniRepLKNet-P (10.7M params)."""
+    return _create("unireplknet_p", _CFGS["unireplknet_p"], **kwargs)
+
+
+@register_model
+def unireplknet_n(**kwargs) -> UniRepLKNet:
+    """UniRepLKNet-N (18.3M params)."""
+    return _create("unireplknet_n", _CFGS["unireplknet_n"], **kwargs)
+
+
+@register_model
+def unireplknet_t(**kwargs) -> UniRepLKNet:
+    """UniRepLKNet-T (31M params, 4.9 GMACs at 224; deploy-form counts)."""
+    return _create("unireplknet_t", _CFGS["unireplknet_t"], **kwargs)
+
+
+@register_model
+def unireplknet_s(**kwargs) -> UniRepLKNet:
+    """UniRepLKNet-S (56M params, 9.1 GMACs at 224; deploy-form counts)."""
+    return _create("unireplknet_s", _CFGS["unireplknet_s"], **kwargs)
+
+
+@register_model
+def unireplknet_b(**kwargs) -> UniRepLKNet:
+    """UniRepLKNet-B (98M params)."""
+    return _create("unireplknet_b", _CFGS["unireplknet_b"], **kwargs)
+
+
+@register_model
+def unireplknet_test(**kwargs) -> UniRepLKNet:
+    """Tiny UniRepLKNet for CPU tests (not a published configuration)."""
+    return _create("unireplknet_test", _CFGS["unireplknet_test"], **kwargs)
+
+
+#: tiny CPU configurations iterated by the generic model tests (name -> constructor kwargs).
+TEST_MODELS: dict[str, dict] = {"unireplknet_test": {}}
