@@ -12,10 +12,13 @@ __all__ = ["reparameterize", "has_reparam_layers"]
 def _walk(module: nn.Module, root: nn.Module) -> None:
     for child in list(module.children()):
         _walk(child, root)
-    if module is not root:
-        fn = getattr(module, "reparameterize", None)
-        if callable(fn):
-            fn()
+    # A whole model's own reparameterize() is this walk (it calls back here), so skip it for the root;
+    # a lone layer passed as the root (e.g. reparameterize(StripConv(...))) is merged like any child.
+    if module is root and getattr(type(module), "reparameterize_is_walk", False):
+        return
+    fn = getattr(module, "reparameterize", None)
+    if callable(fn):
+        fn()
 
 
 def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:

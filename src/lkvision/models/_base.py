@@ -52,6 +52,7 @@ class LargeKernelNet(nn.Module):
     """
 
     min_input_size: int = 32
+    reparameterize_is_walk = True  # see lkvision.reparam._walk
     in_chans: int = 3
     num_classes: int = 1000
     num_features: int = 0

@@ -14,6 +14,8 @@ __all__ = ["register_model", "create_model", "list_models", "register_with_timm"
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FAMILY_OF: dict[str, str] = {}
+_TIMM_NAMES: dict[str, str] = {}
+_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict")  # lkvision name -> name registered with timm
 
 # Every family module; imported on first registry use so that `import lkvision` stays light.
 _FAMILY_MODULES = ("shiftwise", "replknet", "unireplknet", "slak", "convnext", "mobilenetv2", "resnet")
@@ -80,21 +82,29 @@ def create_model(name: str, pretrained: bool | str | os.PathLike = False, **kwar
     return model
 
 
-def _register_one_with_timm(name: str, fn: Callable[..., nn.Module]) -> None:
+def _register_one_with_timm(name: str, fn: Callable[..., nn.Module]) -> str | None:
     try:
         from timm.models import _registry as tr
     except Exception:  # noqa: BLE001 - timm missing or broken: nothing to register
-        return
+        return None
+    if _TIMM_NAMES.get(name):
+        return _TIMM_NAMES[name]
     timm_name = name if name not in tr._model_entrypoints else f"lkv_{name}"
     if timm_name in tr._model_entrypoints:
-        return
+        return None
 
     def _entry(pretrained: bool = False, **kwargs):
-        return create_model(name, pretrained=pretrained if not isinstance(pretrained, bool) else False, **kwargs)
+        for key in _TIMM_ONLY_KWARGS:  # timm's loader options; lkvision models do not take them
+            kwargs.pop(key, None)
+        if pretrained is True:
+            raise ValueError(f"no hosted weights for {name!r}; use lkvision.create_model({name!r}, pretrained=PATH)")
+        return create_model(name, pretrained=pretrained or False, **kwargs)
 
     _entry.__name__ = timm_name
     _entry.__module__ = "lkvision.models"
     tr.register_model(_entry)
+    _TIMM_NAMES[name] = timm_name
+    return timm_name
 
 
 def register_with_timm() -> list[str]:
@@ -104,9 +114,5 @@ def register_with_timm() -> list[str]:
     """
     import timm  # noqa: F401  (raises ImportError if timm is absent)
 
-    for name in list_models():
-        _register_one_with_timm(name, _MODELS[name])
-    from timm.models import _registry as tr
-
-    return sorted(n for n in tr._model_entrypoints if tr._model_to_module.get(n) == "models" or
-                  n in _MODELS or n.startswith("lkv_"))
+    names = [_register_one_with_timm(name, _MODELS[name]) for name in list_models()]
+    return sorted(n for n in names if n)

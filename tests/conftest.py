@@ -1,0 +1,65 @@
+"""Shared fixtures: deterministic seeds and helpers used across the suite."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)  # noqa: NPY002 - tests that use the legacy global RNG stay deterministic
+    yield
+
+
+def family_test_models() -> list[tuple[str, dict]]:
+    """(name, kwargs) of every family's tiny CPU test configuration (module-level TEST_MODELS)."""
+    from lkvision.models._registry import _FAMILY_MODULES
+
+    out = []
+    for fam in _FAMILY_MODULES:
+        try:
+            mod = importlib.import_module(f"lkvision.models.{fam}")
+        except ModuleNotFoundError:
+            continue
+        for name, kw in getattr(mod, "TEST_MODELS", {}).items():
+            out.append((name, dict(kw)))
+    return out
+
+
+@torch.no_grad()
+def randomize_bn_and_scales(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BN running stats/affine, layer scales and GRN params non-trivial values (as the golden files do),
+    so that train/deploy parity tests exercise every fold."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            if m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+        for pname in ("gamma", "beta"):
+            p = getattr(m, pname, None)
+            if isinstance(p, nn.Parameter) and p.dtype.is_floating_point:
+                if pname == "gamma":
+                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def set_threads():
+    if os.environ.get("LKV_TEST_THREADS"):
+        torch.set_num_threads(int(os.environ["LKV_TEST_THREADS"]))
