@@ -14,6 +14,9 @@ __all__ = [
 _LAZY = {
     "ShiftWiseConv2d": ".shiftwise",
     "ReparamLargeKernelConv": ".reparam_conv",
+    "ConvBNAct": ".reparam_conv",
+    "DepthwiseConv2d": ".reparam_conv",
+    "fold_bn_into_next_conv1x1": ".reparam_conv",
     "DilatedReparamConv": ".dilated",
     "StripConv": ".strip",
 }

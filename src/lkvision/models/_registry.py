@@ -14,8 +14,9 @@ __all__ = ["register_model", "create_model", "list_models", "register_with_timm"
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FAMILY_OF: dict[str, str] = {}
-_TIMM_NAMES: dict[str, str] = {}
-_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict")  # lkvision name -> name registered with timm
+_TIMM_NAMES: dict[str, str] = {}  # lkvision name -> name registered with timm
+# timm's loader options, passed by timm.create_model; lkvision models do not take them
+_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict")
 
 # Every family module; imported on first registry use so that `import lkvision` stays light.
 _FAMILY_MODULES = ("shiftwise", "replknet", "unireplknet", "slak", "convnext", "mobilenetv2", "resnet")
@@ -94,7 +95,7 @@ def _register_one_with_timm(name: str, fn: Callable[..., nn.Module]) -> str | No
         return None
 
     def _entry(pretrained: bool = False, **kwargs):
-        for key in _TIMM_ONLY_KWARGS:  # timm's loader options; lkvision models do not take them
+        for key in _TIMM_ONLY_KWARGS:
             kwargs.pop(key, None)
         if pretrained is True:
             raise ValueError(f"no hosted weights for {name!r}; use lkvision.create_model({name!r}, pretrained=PATH)")

@@ -1,0 +1,55 @@
+"""``lkvision export``: export a model's deploy form to ONNX (checked in onnxruntime) or torch.export."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lkvision export", description=__doc__)
+    p.add_argument("--model", required=True, help="registered model name (see lkvision.list_models())")
+    p.add_argument("--checkpoint", default=None, help="lkvision weights (.safetensors or torch file)")
+    p.add_argument("--format", choices=("onnx", "torch"), default="onnx")
+    p.add_argument("--out", required=True, help="output file (.onnx, or .pt2 for --format torch)")
+    p.add_argument("--img-size", type=int, default=224, help="input height = width (default 224)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--static-batch", action="store_true", help="fixed batch size 1 instead of a dynamic batch")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import torch
+
+    from .. import create_model
+    from .onnx import ExportError, example_input, export_onnx, export_program
+
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    try:
+        model = create_model(args.model, pretrained=args.checkpoint or False, **kwargs).eval()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"lkvision export: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.format == "onnx":
+            res = export_onnx(model, args.out, args.img_size, opset=args.opset,
+                              dynamic_batch=not args.static_batch, check=not args.no_check)
+            msg = f"wrote {res.path} (ops: {', '.join(res.op_types)})"
+            if res.max_abs_diff is not None:
+                msg += f"; onnxruntime max |diff| vs PyTorch = {res.max_abs_diff:.2e}"
+            print(msg)
+        else:
+            ep = export_program(model, example_input(model, args.img_size), dynamic_batch=not args.static_batch)
+            torch.export.save(ep, args.out)
+            print(f"wrote {args.out} (torch.export program of the deploy form)")
+    except ExportError as e:
+        print(f"lkvision export: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Re-parameterisable depth-wise convolutions (RepLKNet, Guideline 3) and conv-BN-activation blocks.
+
+* :class:`ReparamLargeKernelConv`: a large depth-wise conv + BN with an optional parallel small depth-wise
+  conv + BN; :meth:`~ReparamLargeKernelConv.reparameterize` merges both into one biased large conv, exactly.
+* :class:`DepthwiseConv2d`: an ``nn.Conv2d`` (groups = channels) whose forward runs through
+  :func:`lkvision.ops.dwconv2d` so that the fastest depth-wise path is used.
+* :class:`ConvBNAct`: ``act(BN(conv(x)))`` whose BN folds into the conv on ``reparameterize()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import dwconv as _dwconv
+from .conv_bn import ConvBN, fuse_bn, pad_kernel_to
+
+__all__ = [
+    "ReparamLargeKernelConv", "DepthwiseConv2d", "ConvBNAct", "depthwise_conv", "fold_bn_into_next_conv1x1",
+]
+
+
+def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(i) for i in v)
+    if len(t) != 2:
+        raise ValueError(f"expected an int or a pair (kh, kw), got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def depthwise_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """Depth-wise conv (B, C, H, W) x (C, 1, kh, kw) -> (B, C, H', W').
+
+    Stride-1 convs go through :func:`lkvision.ops.dwconv2d` (path chosen by measurement); strided ones use
+    ``F.conv2d`` (the fast paths are stride-1 only).
+    """
+    if tuple(stride) == (1, 1):
+        return _dwconv.dwconv2d(x, weight, bias, padding=padding)
+    return F.conv2d(x, weight, bias, stride=stride, padding=padding, groups=weight.shape[0])
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(C, C, k, groups=C)`` with "same" padding ``(kh//2, kw//2)`` run through ``dwconv2d``.
+
+    Parameters keep the standard layout: ``weight`` (C, 1, kh, kw), optional ``bias`` (C,).
+    Shapes: (B, C, H, W) -> (B, C, H', W') with H' = H for odd kh and stride 1.
+    """
+
+    def __init__(self, channels: int, kernel_size: int | tuple[int, int], stride: int = 1,
+                 bias: bool = True) -> None:
+        ks = _pair(kernel_size)
+        super().__init__(channels, channels, ks, stride=stride, padding=(ks[0] // 2, ks[1] // 2),
+                         groups=channels, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depthwise_conv(x, self.weight, self.bias, self.padding, self.stride)
+
+
+class ConvBNAct(ConvBN):
+    """``act(BN(conv(x)))``; keys ``conv.*`` and ``bn.*`` as :class:`~lkvision.layers.ConvBN`.
+
+    ``act``: an activation module (ReLU, ReLU6, GELU, ...) or ``None`` for identity. Depth-wise convs
+    (``groups == in == out``) with stride 1 run through :func:`lkvision.ops.dwconv2d`.
+    ``reparameterize()`` folds the BN into a biased conv (exact in eval mode).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int = 1, groups: int = 1, act: nn.Module | None = None,
+                 sync_bn: bool = False) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, groups=groups, sync_bn=sync_bn)
+        self.act = act if act is not None else nn.Identity()
+        c = self.conv
+        self._depthwise = c.groups == c.in_channels == c.out_channels and c.dilation == (1, 1) and c.groups > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if self._depthwise:
+            y = depthwise_conv(x, c.weight, c.bias, c.padding, c.stride)
+        else:
+            y = c(x)
+        return self.act(self.bn(y))
+
+
+class ReparamLargeKernelConv(nn.Module):
+    """Large depth-wise conv + BN, plus an optional parallel small depth-wise conv + BN (summed).
+
+    ``y = BN_L(DWConv_K(x)) + BN_S(DWConv_k(x))``, both with "same" padding (K//2, k//2) and the same stride.
+    :meth:`reparameterize` replaces both branches by one biased depth-wise K conv (``self.conv``) by fusing
+    each BN into its kernel and zero-padding the small kernel centrally (RepLKNet Guideline 3); this is
+    exact because both branches are centred. Without a small branch the large branch's BN is still folded.
+
+    Args:
+        channels: C (input = output channels; groups = C).
+        kernel_size: K, an int or ``(kh, kw)`` (rectangular kernels are allowed).
+        small_kernel: ``None`` (no small branch), an int, or ``(sh, sw)``. ``K - k`` must be even and
+            non-negative per axis.
+        sync_bn: use ``SyncBatchNorm`` for both BNs.
+        stride: stride of both branches (1 in RepLKNet; 2 for MobileNetV2's down-sampling DW convs).
+
+    Shapes: (B, C, H, W) -> (B, C, H', W'), H' = floor((H + 2*(kh//2) - kh) / stride) + 1.
+    """
+
+    def __init__(self, channels: int, kernel_size: int | tuple[int, int],
+                 small_kernel: int | tuple[int, int] | None = None, sync_bn: bool = False,
+                 stride: int = 1) -> None:
+        super().__init__()
+        ks = _pair(kernel_size)
+        if min(ks) < 1:
+            raise ValueError(f"kernel_size must be positive, got {kernel_size!r}")
+        sk = None if small_kernel is None else _pair(small_kernel)
+        if sk is not None:
+            dh, dw = ks[0] - sk[0], ks[1] - sk[1]
+            if min(sk) < 1 or dh < 0 or dw < 0 or dh % 2 or dw % 2:
+                raise ValueError(
+                    f"small_kernel {sk[0]}x{sk[1]} cannot be merged into kernel_size {ks[0]}x{ks[1]}: "
+                    "it must be positive, no larger than the large kernel, and the difference K - k must be "
+                    "even along each axis (so that the small kernel is centred)"
+                )
+        self.channels = channels
+        self.kernel_size = ks
+        self.small_kernel = sk
+        self.stride = (stride, stride)
+        self.padding = (ks[0] // 2, ks[1] // 2)
+        # padding K//2 per axis (the official / iGEMM convention; "same" for odd K, H+1 for even K)
+        self.large: ConvBN | None = ConvBN(channels, channels, ks, stride=stride, padding=self.padding,
+                                           groups=channels, sync_bn=sync_bn)
+        self.small: ConvBN | None = None
+        if sk is not None:
+            self.small = ConvBN(channels, channels, sk, stride=stride, padding=(sk[0] // 2, sk[1] // 2),
+                                groups=channels, sync_bn=sync_bn)
+        self.conv: nn.Conv2d | None = None  # the merged (deploy) conv
+
+    @property
+    def is_merged(self) -> bool:
+        return self.conv is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is not None:
+            return depthwise_conv(x, self.conv.weight, self.conv.bias, self.padding, self.stride)
+        lc = self.large.conv
+        y = self.large.bn(depthwise_conv(x, lc.weight, lc.bias, lc.padding, self.stride))
+        if self.small is not None:
+            sc = self.small.conv
+            y = y + self.small.bn(depthwise_conv(x, sc.weight, sc.bias, sc.padding, self.stride))
+        return y
+
+    @torch.no_grad()
+    def merged_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel (C, 1, kh, kw) and bias (C,) of the equivalent single conv (no module change)."""
+        if self.conv is not None:
+            return self.conv.weight.detach(), self.conv.bias.detach()
+        w, b = self.large.fused_weight_bias()
+        if self.small is not None:
+            ws, bs = self.small.fused_weight_bias()
+            w = w + pad_kernel_to(ws, self.kernel_size)
+            b = b + bs
+        return w, b
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Merge into one biased depth-wise conv in place (idempotent; exact in eval mode)."""
+        if self.conv is not None:
+            return
+        w, b = self.merged_weight_bias()
+        conv = nn.Conv2d(self.channels, self.channels, self.kernel_size, self.stride, self.padding,
+                         groups=self.channels, bias=True, device=w.device, dtype=w.dtype)
+        conv.weight.copy_(w)
+        conv.bias.copy_(b)
+        self.conv = conv
+        self.large = None
+        self.small = None
+
+    def extra_repr(self) -> str:
+        s = f"{self.channels}, kernel_size={self.kernel_size}, small_kernel={self.small_kernel}"
+        if self.stride != (1, 1):
+            s += f", stride={self.stride}"
+        return s + (", merged" if self.conv is not None else "")
+
+
+@torch.no_grad()
+def fold_bn_into_next_conv1x1(bn: nn.modules.batchnorm._BatchNorm, conv: nn.Conv2d) -> nn.Conv2d:
+    """Fold an eval-mode BN that *precedes* a 1x1, stride-1, ungrouped, unpadded conv into that conv.
+
+    ``conv(BN(x)) = conv'(x)`` with ``W'[o, i] = W[o, i] * s_i`` and
+    ``b'[o] = b[o] + sum_i W[o, i] * (beta_i - mu_i * s_i)``, ``s = gamma / sqrt(var + eps)``. Exact only
+    because a 1x1 conv has no zero padding (a padded K>1 conv would see un-normalised zeros at the border).
+    Returns a new biased ``nn.Conv2d``.
+    """
+    if conv.kernel_size != (1, 1) or conv.padding != (0, 0) or conv.groups != 1:
+        raise ValueError(
+            f"a preceding BN folds exactly only into an ungrouped, unpadded 1x1 conv; got kernel "
+            f"{conv.kernel_size}, padding {conv.padding}, groups {conv.groups}"
+        )
+    # The BN as a per-channel affine map y = s * x + t; fuse_bn on an identity kernel gives (s, t).
+    s, t = fuse_bn(torch.ones(bn.num_features, 1, 1, 1, device=conv.weight.device, dtype=conv.weight.dtype), bn)
+    s = s.reshape(-1)
+    w = conv.weight
+    b = conv.bias if conv.bias is not None else w.new_zeros(conv.out_channels)
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=True,
+                    device=w.device, dtype=w.dtype)
+    new.weight.copy_(w * s.reshape(1, -1, 1, 1))
+    new.bias.copy_(b + w.flatten(1) @ t)
+    return new

@@ -1,0 +1,227 @@
+"""MobileNetV2 (Sandler et al., 2018) as the testbed of RepLKNet's Guidelines 2, 3 and 5 (Tables 2-4).
+
+Options over the standard model: the depth-wise kernel size (all blocks, or a different one for the last,
+stride-32 stage), identity shortcuts on/off (Table 2), and a parallel small (3x3) re-param branch next to
+every large depth-wise conv (Table 3). ``reparameterize()`` folds every BN and merges the small branches:
+the deploy form is plain biased convs + ReLU6 (exact in eval mode).
+
+Stages (``feature_info``): stride 4 (stem + t,c,n,s = 1,16,1,1 and 6,24,2,2), stride 8 (6,32,3,2),
+stride 16 (6,64,4,2 and 6,96,3,1), stride 32 (6,160,3,2, 6,320,1,1 and the 1x1 conv to 1280).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..layers.reparam_conv import ConvBNAct, ReparamLargeKernelConv
+from ._base import LargeKernelNet
+from ._registry import register_model
+
+__all__ = ["MobileNetV2", "InvertedResidual", "TEST_MODELS"]
+
+# (expansion t, output channels c, repeats n, first stride s, stage index) - the standard MobileNetV2 table.
+_SETTINGS = (
+    (1, 16, 1, 1, 0),
+    (6, 24, 2, 2, 0),
+    (6, 32, 3, 2, 1),
+    (6, 64, 4, 2, 2),
+    (6, 96, 3, 1, 2),
+    (6, 160, 3, 2, 3),
+    (6, 320, 1, 1, 3),
+)
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+class InvertedResidual(nn.Module):
+    """``x + project(dw_K(expand(x)))`` (the shortcut only when stride 1, C_in = C_out and enabled).
+
+    ``expand`` = ReLU6(BN(1x1)), ``dw_K`` = ReLU6(re-param depth-wise K x K [+ k x k]), ``project`` = BN(1x1).
+    Shapes: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride).
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, expand_ratio: int, kernel_size: int,
+                 small_kernel: int | None, shortcut: bool = True, sync_bn: bool = False) -> None:
+        super().__init__()
+        hidden = int(round(in_chs * expand_ratio))
+        self.use_shortcut = shortcut and stride == 1 and in_chs == out_chs
+        self.expand = (ConvBNAct(in_chs, hidden, 1, act=nn.ReLU6(), sync_bn=sync_bn) if expand_ratio != 1
+                       else nn.Identity())
+        sk = small_kernel if small_kernel is not None and small_kernel < kernel_size else None
+        self.dw = ReparamLargeKernelConv(hidden, kernel_size, sk, stride=stride, sync_bn=sync_bn)
+        self.act = nn.ReLU6()
+        self.project = ConvBNAct(hidden, out_chs, 1, act=None, sync_bn=sync_bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.act(self.dw(self.expand(x))))
+        return x + y if self.use_shortcut else y
+
+
+class MobileNetV2(LargeKernelNet):
+    """MobileNetV2 with configurable depth-wise kernels, shortcuts and small-kernel re-parameterisation.
+
+    Args:
+        kernel_size: depth-wise kernel of every inverted residual block (3 in the original model).
+        last_stage_kernel: kernel of the stride-32 stage (Table 4); ``None`` = ``kernel_size``.
+        small_kernel: parallel re-param kernel (3 in Table 3) for every depth-wise conv larger than it, or None.
+        shortcut: identity shortcuts (Table 2 compares with and without).
+        width_mult, dropout: as in MobileNetV2.
+        features_only / out_indices: stage outputs at strides 4/8/16/32.
+
+    Shapes: (B, in_chans, H, W) -> (B, num_classes); H and W >= 32.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 3,
+        last_stage_kernel: int | None = None,
+        small_kernel: int | None = None,
+        shortcut: bool = True,
+        width_mult: float = 1.0,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        dropout: float = 0.2,
+        settings: Sequence[tuple[int, int, int, int, int]] = _SETTINGS,
+        last_channels: int = 1280,
+        features_only: bool = False,
+        out_indices: Sequence[int] | None = None,
+        sync_bn: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_chans, self.num_classes = in_chans, num_classes
+        stem_chs = _make_divisible(32 * width_mult)
+        self.stem = ConvBNAct(in_chans, stem_chs, 3, stride=2, act=nn.ReLU6(), sync_bn=sync_bn)
+        n_stages = max(s[4] for s in settings) + 1
+        stage_blocks: list[list[nn.Module]] = [[] for _ in range(n_stages)]
+        c_in = stem_chs
+        for t, c, n, s, stage in settings:
+            c_out = _make_divisible(c * width_mult)
+            k = last_stage_kernel if (stage == n_stages - 1 and last_stage_kernel is not None) else kernel_size
+            for i in range(n):
+                stage_blocks[stage].append(InvertedResidual(c_in, c_out, s if i == 0 else 1, t, k, small_kernel,
+                                                            shortcut, sync_bn))
+                c_in = c_out
+        self.num_features = _make_divisible(last_channels * max(1.0, width_mult))
+        stage_blocks[-1].append(ConvBNAct(c_in, self.num_features, 1, act=nn.ReLU6(), sync_bn=sync_bn))
+        self.stages = nn.ModuleList(nn.Sequential(*b) for b in stage_blocks)
+        self.feature_info = []
+        for i, blocks in enumerate(stage_blocks):
+            last = blocks[-1]
+            chs = last.conv.out_channels if isinstance(last, ConvBNAct) else last.project.conv.out_channels
+            self.feature_info.append(dict(num_chs=chs, reduction=4 * 2 ** i, module=f"stages.{i}"))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+        self._init_features_mode(features_only, out_indices)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def stage_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.stem if i == 0 else nn.Identity(), s) for i, s in enumerate(self.stages)]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, 1280, h, w) -> logits (B, num_classes) (pooled (B, 1280) with ``pre_logits``)."""
+        x = self.dropout(x.mean((2, 3)))
+        return x if pre_logits else self.head(x)
+
+
+# --------------------------------------------------------------------------------------------- configs
+CONFIGS: dict[str, dict] = {
+    # Table 2 (Guideline 2): shortcuts on / off, 3x3 vs 13x13 (no re-param)
+    "mobilenetv2_100": dict(kernel_size=3),
+    "mobilenetv2_noskip": dict(kernel_size=3, shortcut=False),
+    "mobilenetv2_k13": dict(kernel_size=13),
+    "mobilenetv2_k13_noskip": dict(kernel_size=13, shortcut=False),
+    # Table 3 (Guideline 3): 9x9 / 13x13 with and without the parallel 3x3 re-param branch
+    "mobilenetv2_k9": dict(kernel_size=9),
+    "mobilenetv2_k9_rep3": dict(kernel_size=9, small_kernel=3),
+    "mobilenetv2_k13_rep3": dict(kernel_size=13, small_kernel=3),
+    # Table 4 (Guideline 5): only the last (7x7-map) stage enlarged, with 3x3 re-param
+    "mobilenetv2_last7_rep3": dict(kernel_size=3, last_stage_kernel=7, small_kernel=3),
+    "mobilenetv2_last13_rep3": dict(kernel_size=3, last_stage_kernel=13, small_kernel=3),
+    # tiny model for tests
+    "mobilenetv2_nano_k13_rep3": dict(kernel_size=13, small_kernel=3, width_mult=0.25, last_channels=128),
+}
+
+
+def _build(name: str, **kwargs) -> MobileNetV2:
+    return MobileNetV2(**{**CONFIGS[name], **kwargs})
+
+
+@register_model
+def mobilenetv2_100(**kwargs) -> MobileNetV2:
+    """Standard MobileNetV2 1.0 (3x3 depth-wise, shortcuts; 3.5 M params)."""
+    return _build("mobilenetv2_100", **kwargs)
+
+
+@register_model
+def mobilenetv2_noskip(**kwargs) -> MobileNetV2:
+    """MobileNetV2 without identity shortcuts (Table 2)."""
+    return _build("mobilenetv2_noskip", **kwargs)
+
+
+@register_model
+def mobilenetv2_k13(**kwargs) -> MobileNetV2:
+    """MobileNetV2 with every depth-wise 3x3 replaced by 13x13 (Table 2)."""
+    return _build("mobilenetv2_k13", **kwargs)
+
+
+@register_model
+def mobilenetv2_k13_noskip(**kwargs) -> MobileNetV2:
+    """MobileNetV2 with 13x13 depth-wise kernels and no shortcuts (Table 2)."""
+    return _build("mobilenetv2_k13_noskip", **kwargs)
+
+
+@register_model
+def mobilenetv2_k9(**kwargs) -> MobileNetV2:
+    """MobileNetV2 with 9x9 depth-wise kernels (Table 3)."""
+    return _build("mobilenetv2_k9", **kwargs)
+
+
+@register_model
+def mobilenetv2_k9_rep3(**kwargs) -> MobileNetV2:
+    """MobileNetV2 with 9x9 depth-wise kernels + parallel 3x3 re-param branches (Table 3)."""
+    return _build("mobilenetv2_k9_rep3", **kwargs)
+
+
+@register_model
+def mobilenetv2_k13_rep3(**kwargs) -> MobileNetV2:
+    """MobileNetV2 with 13x13 depth-wise kernels + parallel 3x3 re-param branches (Table 3)."""
+    return _build("mobilenetv2_k13_rep3", **kwargs)
+
+
+@register_model
+def mobilenetv2_last7_rep3(**kwargs) -> MobileNetV2:
+    """MobileNetV2 with 7x7 (+3x3 re-param) kernels in the stride-32 stage only (Table 4)."""
+    return _build("mobilenetv2_last7_rep3", **kwargs)
+
+
+@register_model
+def mobilenetv2_last13_rep3(**kwargs) -> MobileNetV2:
+    """MobileNetV2 with 13x13 (+3x3 re-param) kernels in the stride-32 stage only (Table 4)."""
+    return _build("mobilenetv2_last13_rep3", **kwargs)
+
+
+@register_model
+def mobilenetv2_nano_k13_rep3(**kwargs) -> MobileNetV2:
+    """Tiny (width 0.25) MobileNetV2 with 13x13 + 3x3 re-param kernels, for tests."""
+    return _build("mobilenetv2_nano_k13_rep3", **kwargs)
+
+
+TEST_MODELS: dict[str, dict] = {
+    "mobilenetv2_nano_k13_rep3": {},
+}

@@ -1,0 +1,145 @@
+"""ReparamLargeKernelConv / ConvBNAct / pre-BN folding: exact re-parameterisation and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lkvision.layers import ReparamLargeKernelConv
+from lkvision.layers.reparam_conv import ConvBNAct, DepthwiseConv2d, fold_bn_into_next_conv1x1
+
+
+@torch.no_grad()
+def _randomize_bns(module: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+    return module
+
+
+def _reference(layer: ReparamLargeKernelConv, x: torch.Tensor) -> torch.Tensor:
+    """The two-branch definition written with F.conv2d and F.batch_norm (eval statistics)."""
+
+    def branch(cb):
+        c, bn = cb.conv, cb.bn
+        y = F.conv2d(x, c.weight, None, c.stride, c.padding, groups=c.groups)
+        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+    y = branch(layer.large)
+    return y + branch(layer.small) if layer.small is not None else y
+
+
+CASES = [
+    # (kernel, small, stride, H, W)
+    (13, 5, 1, 17, 12),
+    ((7, 5), (3, 1), 1, 9, 11),       # rectangular kernels
+    ((31, 1), (5, 1), 1, 20, 7),      # strip kernel, larger than the map
+    (4, 2, 1, 10, 9),                 # even kernels (even difference): still exact
+    (5, 5, 1, 8, 8),                  # small == large
+    (9, None, 1, 11, 10),             # no small branch: only the BN folds
+    (13, 3, 2, 15, 14),               # strided (MobileNetV2 down-sampling)
+]
+
+
+@pytest.mark.parametrize("kernel,small,stride,h,w", CASES)
+def test_reparameterize_is_exact_fp64(kernel, small, stride, h, w):
+    torch.manual_seed(0)
+    layer = _randomize_bns(ReparamLargeKernelConv(6, kernel, small, stride=stride)).double().eval()
+    x = torch.randn(2, 6, h, w, dtype=torch.float64)
+    with torch.no_grad():
+        ref = _reference(layer, x)
+        y = layer(x)
+        torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+        layer.reparameterize()
+        assert layer.is_merged and layer.large is None and layer.small is None
+        y2 = layer(x)
+        assert y2.shape == ref.shape
+        torch.testing.assert_close(y2, ref, rtol=0, atol=1e-12)
+        layer.reparameterize()  # idempotent
+        torch.testing.assert_close(layer(x), y2, rtol=0, atol=0)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    assert tuple(layer.conv.weight.shape) == (6, 1, kh, kw)
+    assert set(layer.state_dict()) == {"conv.weight", "conv.bias"}
+
+
+def test_reparameterize_fp32_close():
+    torch.manual_seed(1)
+    layer = _randomize_bns(ReparamLargeKernelConv(8, 31, 5)).eval()
+    x = torch.randn(2, 8, 24, 20)
+    with torch.no_grad():
+        y = layer(x)
+        layer.reparameterize()
+        torch.testing.assert_close(layer(x), y, rtol=0, atol=2e-5)
+
+
+def test_forward_backward_match_reference_fp64():
+    torch.manual_seed(2)
+    layer = _randomize_bns(ReparamLargeKernelConv(4, (9, 7), (3, 5))).double().train()
+    ref_layer = _randomize_bns(ReparamLargeKernelConv(4, (9, 7), (3, 5))).double().train()
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 4, 12, 10, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+
+    def branch(cb, inp):
+        return cb.bn(F.conv2d(inp, cb.conv.weight, None, 1, cb.conv.padding, groups=4))
+
+    y_ref = branch(ref_layer.large, x2) + branch(ref_layer.small, x2)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=1e-10)
+    for (n, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-10, msg=n)
+
+
+@pytest.mark.parametrize("kernel,small", [(7, 4), ((7, 5), (3, 2)), (5, 7), (4, 3)])
+def test_uncentrable_small_kernel_is_a_clear_error(kernel, small):
+    with pytest.raises(ValueError, match="difference K - k must be even"):
+        ReparamLargeKernelConv(4, kernel, small)
+
+
+def test_bad_kernel_spec():
+    with pytest.raises(ValueError, match="pair"):
+        ReparamLargeKernelConv(4, (3, 3, 3))
+    with pytest.raises(ValueError, match="positive"):
+        ReparamLargeKernelConv(4, 0)
+
+
+def test_conv_bn_act_fold_exact():
+    torch.manual_seed(3)
+    for groups, k, stride in ((1, 3, 2), (8, 3, 1), (1, 1, 1)):
+        m = _randomize_bns(ConvBNAct(8, 8, k, stride=stride, groups=groups, act=nn.ReLU6())).double().eval()
+        x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+        with torch.no_grad():
+            y = m(x)
+            m.reparameterize()
+            assert isinstance(m.bn, nn.Identity) and m.conv.bias is not None
+            torch.testing.assert_close(m(x), y, rtol=0, atol=1e-12)
+
+
+def test_depthwise_conv2d_matches_conv2d():
+    torch.manual_seed(4)
+    m = DepthwiseConv2d(5, (7, 3))
+    x = torch.randn(2, 5, 8, 9)
+    ref = F.conv2d(x, m.weight, m.bias, padding=(3, 1), groups=5)
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
+
+
+def test_fold_prebn_into_1x1():
+    torch.manual_seed(5)
+    bn = _randomize_bns(nn.BatchNorm2d(6)).double().eval()
+    conv = nn.Conv2d(6, 4, 1, bias=True).double()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        y = conv(bn(x))
+        torch.testing.assert_close(fold_bn_into_next_conv1x1(bn, conv)(x), y, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="unpadded 1x1"):
+        fold_bn_into_next_conv1x1(bn, nn.Conv2d(6, 4, 3, padding=1))
