@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3], choices=range(4),
+                    help="0-based stage indices (0..3)")
     ap.add_argument("--skip-reference", action="store_true", help="the reference needs GBs at batch 64")
     args = ap.parse_args(argv)
     if args.quick:

@@ -126,7 +126,7 @@ def test_paper_param_and_mac_counts(name, params_2br, params_merged, gmacs):
 def _strip_macs(model: ShiftWiseNet, img: int) -> tuple[int, int, int]:
     """Per-model MACs of the SW convs as executed: reference (grouped conv at (H+2)^2), fast (3 strip convs
     plus the per-forward weight fold, R*nk*k*k*(2*nk+1) MACs per layer), deploy (2 strip convs with the S
-    kernel inside the horizontal one)."""
+    kernel inside the horizontal one, run on all C channels so that no channel split/concat is needed)."""
     ref = fast = dep = 0
     for i, stage in enumerate(model.stages):
         hw = (img // 2 ** (i + 2)) ** 2
@@ -137,7 +137,7 @@ def _strip_macs(model: ShiftWiseNet, img: int) -> tuple[int, int, int]:
             ref += r * nk * k * k * (side + k - 1) ** 2
             fast += r * hw * (2 * k * L + k * k) + r * nk * k * k * (2 * nk + 1)
             (left, right, _, _), _ = sw.deploy_paddings()
-            dep += r * hw * (k * (left + right + 1) + L * k)
+            dep += sw.channels * hw * (k * (left + right + 1) + L * k)  # deploy strips cover all C channels
     return ref, fast, dep
 
 

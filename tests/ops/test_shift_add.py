@@ -277,3 +277,21 @@ def test_torch_compile_inductor_fullgraph():
     torch.testing.assert_close(out, mod(x))
     out.sum().backward()
     assert x.grad is not None and mod.weight.grad is not None
+
+
+def test_fold_cache_sees_in_place_table_changes():
+    """The per-table cache of the fold's count matrices must never serve stale tables."""
+    from lkvision.ops.shift_add import fold_shiftwise_weight, make_shift_tables
+
+    pad, idx = make_shift_tables(4, 13, 3, 2)
+    w = torch.randn(4 * 5, 1, 3, 3, dtype=torch.float64)
+    first = fold_shiftwise_weight(w, pad, idx, 13, 3)
+    again = fold_shiftwise_weight(w, pad, idx, 13, 3)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    pad2, idx2 = make_shift_tables(4, 13, 3, 2, seed=7)
+    pad.copy_(pad2)  # in place: same tensor object, new version counter
+    idx.copy_(idx2)
+    fresh = fold_shiftwise_weight(w, pad2.clone(), idx2.clone(), 13, 3)
+    after = fold_shiftwise_weight(w, pad, idx, 13, 3)
+    assert all(torch.equal(a, b) for a, b in zip(after, fresh))
+    assert not torch.equal(after[0], first[0])

@@ -153,6 +153,7 @@ class ShiftWiseConv2d(nn.Module):
         self.num_filters = math.ceil(big_kernel / small_kernel)  # nk
         self.strip_length = small_kernel * self.num_filters  # L
         self.deployed = False
+        self.all_channels = False  # deploy strips cover all C channels in input order (expand_to_all_channels)
 
         self.register_buffer("rep_idx", torch.tensor(rep, dtype=torch.long))
         self.register_buffer("ghost_idx", torch.tensor(ghost, dtype=torch.long))
@@ -211,6 +212,9 @@ class ShiftWiseConv2d(nn.Module):
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
+        if self.deployed and self.all_channels:
+            y = dwconv2d(x, self.weight_h, self.bias_h, padding=self.padding_h, impl=self.dwconv_impl)
+            return y + dwconv2d(x, self.weight_v, self.bias_v, padding=self.padding_v, impl=self.dwconv_impl)
         x_rep, x_ghost = self._split(x)
         if self.deployed:
             y = dwconv2d(x_rep, self.weight_h, self.bias_h, padding=self.padding_h, impl=self.dwconv_impl)
@@ -292,6 +296,41 @@ class ShiftWiseConv2d(nn.Module):
         self.deployed = True
 
     @torch.no_grad()
+    def expand_to_all_channels(self) -> torch.Tensor:
+        """Deploy form only: run the two strips on all C channels in *input* order, so that forward needs no
+        channel split, gather or concatenation (the fastest deploy form; about 10% of SW-tiny's CPU time).
+
+        Ghost channels get their affine (``ghost_scale``/``ghost_bias``, or the identity) as the centre tap
+        of the horizontal strip and zero vertical taps. The output is then in input order; the returned
+        ``perm`` (C,) satisfies ``out_before[:, j] == out_after[:, perm[j]]``, and the consumer of this layer
+        must fold it (``ShiftWiseBlock.reparameterize`` folds it into its SE and first Linear). Exact.
+        """
+        if not self.deployed:
+            raise RuntimeError("expand_to_all_channels() needs the deploy form: call reparameterize() first")
+        order = torch.cat([self.rep_idx, self.ghost_idx])
+        perm = (torch.arange(self.channels, device=order.device) if self.restore_channel_order else order)
+        if self.all_channels:
+            return torch.arange(self.channels, device=order.device)
+        c, wh, wv = self.channels, self.weight_h, self.weight_v
+        left, top = self.padding_h[0], self.padding_h[2]
+        full_h = wh.new_zeros(c, 1, *wh.shape[2:])
+        full_v = wv.new_zeros(c, 1, *wv.shape[2:])
+        full_bh, full_bv = self.bias_h.new_zeros(c), self.bias_v.new_zeros(c)
+        full_h[self.rep_idx], full_v[self.rep_idx] = wh, wv
+        full_bh[self.rep_idx], full_bv[self.rep_idx] = self.bias_h, self.bias_v
+        if self.ghost_channels:
+            scale = self.ghost_scale if self.ghost_scale is not None else wh.new_ones(self.ghost_channels)
+            shift = self.ghost_bias if self.ghost_bias is not None else wh.new_zeros(self.ghost_channels)
+            full_h[self.ghost_idx, 0, top, left] = scale  # padding (left, top) = the tap at the output pixel
+            full_bh[self.ghost_idx] = shift
+        self.weight_h, self.weight_v = nn.Parameter(full_h), nn.Parameter(full_v)
+        self.bias_h, self.bias_v = nn.Parameter(full_bh), nn.Parameter(full_bv)
+        self.register_parameter("ghost_scale", None)
+        self.register_parameter("ghost_bias", None)
+        self.all_channels = True
+        return perm
+
+    @torch.no_grad()
     def fuse_output_bn(self, bn: nn.Module) -> None:
         """Fold an eval-mode BatchNorm over this layer's C output channels into the deploy form.
 
@@ -299,6 +338,8 @@ class ShiftWiseConv2d(nn.Module):
         (``ghost_scale``/``ghost_bias``). Calls :meth:`reparameterize` first if needed.
         """
         self.reparameterize()
+        if self.all_channels:
+            raise RuntimeError("fuse_output_bn() must come before expand_to_all_channels()")
         scale, shift = bn_affine(bn, self.channels, self.weight_h)
         if self.restore_channel_order:
             rep_pos, ghost_pos = self.rep_idx, self.ghost_idx

@@ -88,6 +88,14 @@ class ShiftWiseBlock(nn.Module):
             self.sw_conv.fuse_output_bn(self.sw_norm)  # also folds the SW layer itself
             self.sw_norm = nn.Identity()
         self.sw_conv.reparameterize()
+        # Let the SW strips run on all channels in input order (no split/concat at inference) and fold the
+        # official rep-then-ghost output order into the consumers: SE (channel-wise) and the first Linear.
+        inv = torch.argsort(self.sw_conv.expand_to_all_channels())
+        if isinstance(self.se, SEBlock):
+            self.se.down.weight.copy_(self.se.down.weight[:, inv])
+            self.se.up.weight.copy_(self.se.up.weight[inv])
+            self.se.up.bias.copy_(self.se.up.bias[inv])
+        self.fc1.weight.copy_(self.fc1.weight[:, inv])
         fc2 = self.grn.fold_beta_into(self.fc2)
         if not isinstance(self.fc_norm, nn.Identity):
             scale = self.layer_scale.gamma if isinstance(self.layer_scale, LayerScale2d) else None

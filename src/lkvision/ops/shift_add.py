@@ -14,6 +14,7 @@ P = k - 1 (conv padding), e = P - k // 2 (extra pad), mid = M // 2, L = k * nk.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -134,8 +135,36 @@ def _one_hot(index: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     return (index[..., None] == torch.arange(n, device=index.device)).to(dtype)
 
 
+# (id(pad_hv), id(idx_identit), M, k, dtype, device) -> (weakrefs, versions, matrices). The tables of a layer
+# are constant buffers, so deriving their count matrices once per layer (instead of per call) removes a dozen
+# small ops from every forward; identity + version counters make a stale hit impossible.
+_ASSIGNMENT_CACHE: dict[tuple, tuple] = {}
+_ASSIGNMENT_CACHE_SIZE = 256
+
+
 def _assignment_matrices(pad_hv: Tensor, idx_identit: Tensor, big_kernel: int, small_kernel: int,
                          dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Cached :func:`_compute_assignment_matrices` for plain (eager, non-fake) table tensors."""
+    cacheable = (type(pad_hv) is Tensor and type(idx_identit) is Tensor and not torch.compiler.is_compiling()
+                 and pad_hv.device.type != "meta")
+    if not cacheable:
+        return _compute_assignment_matrices(pad_hv, idx_identit, big_kernel, small_kernel, dtype, device)
+    key = (id(pad_hv), id(idx_identit), big_kernel, small_kernel, dtype, torch.device(device))
+    hit = _ASSIGNMENT_CACHE.get(key)
+    if hit is not None:
+        (ref_p, ref_i), versions, mats = hit
+        if ref_p() is pad_hv and ref_i() is idx_identit and versions == (pad_hv._version, idx_identit._version):
+            return mats
+    mats = _compute_assignment_matrices(pad_hv, idx_identit, big_kernel, small_kernel, dtype, device)
+    if len(_ASSIGNMENT_CACHE) >= _ASSIGNMENT_CACHE_SIZE:
+        _ASSIGNMENT_CACHE.pop(next(iter(_ASSIGNMENT_CACHE)))
+    _ASSIGNMENT_CACHE[key] = ((weakref.ref(pad_hv), weakref.ref(idx_identit)),
+                              (pad_hv._version, idx_identit._version), mats)
+    return mats
+
+
+def _compute_assignment_matrices(pad_hv: Tensor, idx_identit: Tensor, big_kernel: int, small_kernel: int,
+                                 dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Count matrices of the tables (exact small integers in any float dtype).
 
     Ah[c, i, j] (and Av) = number of edges whose block i holds filter j of channel c: (R, nk, nk).

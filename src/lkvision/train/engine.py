@@ -148,7 +148,7 @@ def deploy_parity(model: nn.Module, deploy: nn.Module, x: torch.Tensor) -> float
     return (model(x).float() - deploy(x).float()).abs().max().item()
 
 
-def _sparse_masking(cfg: TrainConfig, model: nn.Module, total_steps: int):
+def _sparse_masking(cfg: TrainConfig, model: nn.Module, total_steps: int, optimizer: torch.optim.Optimizer):
     """Build ``lkvision.sparse.Masking`` from ``cfg.sparse`` (imported lazily)."""
     import dataclasses
 
@@ -164,7 +164,8 @@ def _sparse_masking(cfg: TrainConfig, model: nn.Module, total_steps: int):
             raise ConfigError(f"unknown sparse option(s) {bad}; SparseConfig fields: {sorted(names)}")
         if "total_steps" in names and "total_steps" not in opts:
             opts["total_steps"] = total_steps
-    return Masking(model, SparseConfig(**opts))
+    # the optimizer lets the masks also zero SGD momentum (and Adam moments when asked) and enables momentum growth
+    return Masking(model, SparseConfig(**opts), optimizer=optimizer)
 
 
 class _History:
@@ -267,7 +268,7 @@ def _run(cfg: TrainConfig, info: DistInfo, log: _Logger) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg, lr)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
-    masking = _sparse_masking(cfg, model, total_steps) if cfg.sparse.get("enabled") else None
+    masking = _sparse_masking(cfg, model, total_steps, optimizer) if cfg.sparse.get("enabled") else None
 
     # ------------------------------------------------------------------ resume
     start_step = 0
