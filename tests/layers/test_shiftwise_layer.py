@@ -210,3 +210,26 @@ def test_bfloat16_forward_backward_loose():
     mb.reparameterize()
     with torch.no_grad():
         assert float((mb(x.bfloat16()).float() - y).abs().max() / y.abs().max()) < 3e-2
+
+
+@pytest.mark.parametrize("ghost_ratio,restore", [(0.23, False), (0.0, False), (0.3, True)])
+def test_expand_to_all_channels_is_a_pure_permutation(ghost_ratio, restore):
+    torch.manual_seed(3)
+    m = ShiftWiseConv2d(20, 13, 3, ghost_ratio=ghost_ratio, restore_channel_order=restore)
+    m = randomize_bn_and_scales(m, seed=5).double().eval()
+    x = torch.randn(2, 20, 9, 11, dtype=torch.float64)
+    m.reparameterize()
+    m.fuse_output_bn(randomize_bn_and_scales(nn.BatchNorm2d(20), seed=6).double().eval())
+    before = m(x)
+    perm = m.expand_to_all_channels()
+    after = m(x)
+    torch.testing.assert_close(after[:, perm], before, rtol=1e-12, atol=1e-12)
+    assert sorted(perm.tolist()) == list(range(20))
+    assert torch.equal(m.expand_to_all_channels(), torch.arange(20))  # idempotent: already in input order
+    with pytest.raises(RuntimeError, match="before expand_to_all_channels"):
+        m.fuse_output_bn(nn.BatchNorm2d(20).double().eval())
+
+
+def test_expand_to_all_channels_needs_the_deploy_form():
+    with pytest.raises(RuntimeError, match="deploy form"):
+        ShiftWiseConv2d(8, 7, 3).expand_to_all_channels()
