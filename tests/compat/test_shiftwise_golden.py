@@ -44,7 +44,7 @@ def test_train_form_logits(model, case):
 def test_features_match_official_modules(model, case):
     _, _, t = case
     feats = load_file(str(GOLDEN / "sw_dev.features.safetensors"))
-    ours = {"downsample_layers.0": model.stem, "norm": model.head_norm}
+    ours = {"downsample_layers.0": model.stem, "norm": model.norm}
     ours.update({f"downsample_layers.{i + 1}": d for i, d in enumerate(model.downsamples)})
     ours.update({f"stages.{i}.{j}": b for i, s in enumerate(model.stages) for j, b in enumerate(s)})
     got = {}

@@ -49,7 +49,7 @@ def test_structure_init_and_drop_path():
             assert mod.bias.abs().max() == 0
     assert torch.all(blocks[0].layer_scale.gamma == 1e-6)
     assert isinstance(m.stem[1], LayerNorm2d) and isinstance(m.stem[2], nn.GELU)
-    assert isinstance(m.head_norm, nn.LayerNorm) and m.head_norm.eps == 1e-6
+    assert isinstance(m.norm, nn.LayerNorm) and m.norm.eps == 1e-6
     f = lkvision.create_model("sw_pico", features_only=True)
     assert all(isinstance(n, LayerNorm2d) for n in f.feature_norms.values())
 

@@ -25,7 +25,7 @@ Key map (official -> lkvision), ``i`` = stage, ``j`` = block::
     stages.i.j.pwconv2.0.weight              -> stages.i.j.fc2.weight
     stages.i.j.pwconv2.2.*                   -> stages.i.j.fc_norm.*
     stages.i.j.gamma                         -> stages.i.j.layer_scale.gamma
-    norm.*                                   -> head_norm.*
+    norm.*                                   -> norm.*
     head.*                                   -> head.*
 """
 
@@ -112,9 +112,8 @@ def _map_key(key: str) -> str | None:
             if re.fullmatch(pat, m[2]):
                 return f"{m[1]}." + re.sub(f"^{pat}$", rep, m[2])
         return None
-    m = re.fullmatch(r"(norm|head)\.(weight|bias)", key)
-    if m:
-        return f"{'head_norm' if m[1] == 'norm' else 'head'}.{m[2]}"
+    if re.fullmatch(r"(norm|head)\.(weight|bias)", key):
+        return key  # the head keeps its official names
     return None
 
 
@@ -135,9 +134,8 @@ def _inverse_key(key: str, merged: bool) -> str | None:
             if re.fullmatch(pat, m[2]):
                 return f"{m[1]}." + re.sub(f"^{pat}$", rep, m[2])
         raise KeyError(f"no official name for {key!r}")
-    m = re.fullmatch(r"(head_norm|head)\.(weight|bias)", key)
-    if m:
-        return f"{'norm' if m[1] == 'head_norm' else 'head'}.{m[2]}"
+    if re.fullmatch(r"(norm|head)\.(weight|bias)", key):
+        return key
     raise KeyError(f"no official name for {key!r}")
 
 

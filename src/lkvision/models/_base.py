@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["LargeKernelNet", "check_input"]
+__all__ = ["LargeKernelNet", "ConvNeXtMacroNet", "check_input"]
 
 
 def check_input(x: torch.Tensor, in_chans: int, min_size: int, name: str) -> None:
@@ -160,3 +160,49 @@ class LargeKernelNet(nn.Module):
         from ..reparam import reparameterize
 
         return reparameterize(self, inplace=True)
+
+
+class ConvNeXtMacroNet(LargeKernelNet):
+    """The macro design shared by ConvNeXt, SLaK, UniRepLKNet and ShiftWise.
+
+    A subclass builds ``self.stem``, ``self.downsamples`` (3 modules) and ``self.stages`` (4 sequentials), then
+    calls :meth:`_build_head` and, last, :meth:`_finish_init`. This class provides the head (global mean ->
+    LayerNorm(eps 1e-6) -> Linear, named ``norm`` and ``head`` as in the official checkpoints), the
+    truncated-normal(0.02) init of every conv/linear with zero biases, the head-init scale, strides 4/8/16/32
+    ``feature_info`` and a LayerNorm2d per stage in ``features_only`` mode (the official ``norm0..3``).
+    """
+
+    def _build_head(self, dims: Sequence[int], num_classes: int) -> None:
+        self.num_classes, self.num_features = num_classes, dims[-1]
+        self.feature_info = [dict(num_chs=c, reduction=4 * 2**i, module=f"stages.{i}") for i, c in enumerate(dims)]
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    def _finish_init(self, head_init_scale: float, features_only: bool, out_indices: Sequence[int] | None) -> None:
+        self.apply(self.init_weights)
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(head_init_scale)
+                self.head.bias.mul_(head_init_scale)
+        self._init_features_mode(features_only, out_indices)
+
+    @staticmethod
+    def init_weights(m: nn.Module) -> None:
+        """trunc_normal(std 0.02) for every Conv2d/Linear weight, zero biases (the official init)."""
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def stage_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return list(zip([self.stem, *self.downsamples], self.stages))
+
+    def make_feature_norm(self, index: int, channels: int) -> nn.Module:
+        from ..layers import LayerNorm2d
+
+        return LayerNorm2d(channels)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, C, h, w) -> global mean -> LayerNorm -> (B, C) features (``pre_logits``) or (B, classes) logits."""
+        x = self.norm(x.mean((2, 3)))
+        return x if pre_logits else self.head(x)

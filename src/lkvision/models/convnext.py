@@ -19,7 +19,7 @@ from torch import nn
 
 from ..layers import DropPath, LayerNorm2d
 from ..layers.reparam_conv import DepthwiseConv2d, ReparamLargeKernelConv
-from ._base import LargeKernelNet
+from ._base import ConvNeXtMacroNet
 from ._registry import register_model
 
 __all__ = ["ConvNeXt", "ConvNeXtBlock", "TEST_MODELS"]
@@ -64,7 +64,7 @@ class ConvNeXtBlock(nn.Module):
         self.gamma = None
 
 
-class ConvNeXt(LargeKernelNet):
+class ConvNeXt(ConvNeXtMacroNet):
     """ConvNeXt classifier / backbone.
 
     Args:
@@ -114,33 +114,8 @@ class ConvNeXt(LargeKernelNet):
                 for j in range(d)
             ]))
             k += d
-        self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}") for i, c in enumerate(dims)]
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-        if isinstance(self.head, nn.Linear):
-            with torch.no_grad():
-                self.head.weight.mul_(head_init_scale)
-                self.head.bias.mul_(head_init_scale)
-        self._init_features_mode(features_only, out_indices)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def stage_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return list(zip([self.stem, *self.downsamples], self.stages))
-
-    def make_feature_norm(self, index: int, channels: int) -> nn.Module:
-        return LayerNorm2d(channels)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C4, h, w) -> logits (B, num_classes) (or normed pooled features (B, C4) with ``pre_logits``)."""
-        x = self.norm(x.mean((2, 3)))
-        return x if pre_logits else self.head(x)
+        self._build_head(dims, num_classes)
+        self._finish_init(head_init_scale, features_only, out_indices)
 
 
 # --------------------------------------------------------------------------------------------- configs

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..layers import GRN, DropPath, LayerNorm2d, LayerScale2d, SEBlock, fold_bn_after_linear, make_bn
 from ..layers.shiftwise import ShiftWiseConv2d
-from ._base import LargeKernelNet
+from ._base import ConvNeXtMacroNet
 from ._registry import register_model
 
 __all__ = ["ShiftWiseNet", "ShiftWiseBlock", "SW_CONFIGS", "TEST_MODELS"]
@@ -105,7 +105,7 @@ class ShiftWiseBlock(nn.Module):
         self.fc2 = fc2
 
 
-class ShiftWiseNet(LargeKernelNet):
+class ShiftWiseNet(ConvNeXtMacroNet):
     """ShiftWise_v2 classification backbone (timm-style API from :class:`LargeKernelNet`).
 
     Args:
@@ -167,8 +167,6 @@ class ShiftWiseNet(LargeKernelNet):
             bn=bn, table_seed=table_seed, restore_channel_order=restore_channel_order,
         )
         self.in_chans = in_chans
-        self.num_classes = num_classes
-        self.num_features = dims[-1]
 
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
@@ -196,37 +194,8 @@ class ShiftWiseNet(LargeKernelNet):
                 for j in range(depths[i])
             ]))
             cur += depths[i]
-        self.feature_info = [
-            dict(num_chs=dims[i], reduction=2 ** (i + 2), module=f"stages.{i}") for i in range(4)
-        ]
-        self.head_norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-
-        self.apply(self._init_weights)
-        if isinstance(self.head, nn.Linear):
-            with torch.no_grad():
-                self.head.weight.mul_(head_init_scale)
-                self.head.bias.mul_(head_init_scale)
-        self._init_features_mode(features_only, out_indices)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def stage_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        pres = [self.stem, *self.downsamples]
-        return list(zip(pres, self.stages))
-
-    def make_feature_norm(self, index: int, channels: int) -> nn.Module:
-        return LayerNorm2d(channels)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, h, w) -> logits (B, num_classes), or the normed pooled features (B, C)."""
-        x = self.head_norm(x.mean((-2, -1)))
-        return x if pre_logits else self.head(x)
+        self._build_head(dims, num_classes)
+        self._finish_init(head_init_scale, features_only, out_indices)
 
 
 def _sw(name: str, pretrained: bool = False, **kwargs) -> ShiftWiseNet:

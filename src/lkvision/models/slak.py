@@ -25,7 +25,7 @@ from torch import nn
 
 from ..layers import DropPath, LayerNorm2d, LayerScale2d
 from ..layers.strip import StripConv
-from ._base import LargeKernelNet
+from ._base import ConvNeXtMacroNet
 from ._registry import register_model
 
 __all__ = ["SLaK", "SLaKBlock", "slak_dims", "TEST_MODELS"]
@@ -90,7 +90,7 @@ class SLaKBlock(nn.Module):
             self.layer_scale = nn.Identity()
 
 
-class SLaK(LargeKernelNet):
+class SLaK(ConvNeXtMacroNet):
     """SLaK classifier / backbone.
 
     Args:
@@ -147,7 +147,6 @@ class SLaK(LargeKernelNet):
         self.in_chans, self.num_classes = in_chans, num_classes
         self.depths, self.dims = depths, dims
         self.kernel_sizes, self.small_kernel = kernel_sizes, small_kernel
-        self.num_features = dims[-1]
 
         self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0]))
         self.downsamples = nn.ModuleList(
@@ -165,34 +164,8 @@ class SLaK(LargeKernelNet):
                 for j in range(depths[i])
             ]))
             cur += depths[i]
-            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-
-        self.apply(self._init_weights)
-        if isinstance(self.head, nn.Linear):
-            with torch.no_grad():
-                self.head.weight.mul_(head_init_scale)
-                self.head.bias.mul_(head_init_scale)
-        self._init_features_mode(features_only, out_indices)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def stage_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return list(zip([self.stem, *self.downsamples], self.stages))
-
-    def make_feature_norm(self, index: int, channels: int) -> nn.Module:
-        return LayerNorm2d(channels)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, h, w) -> global mean -> LayerNorm -> (B, C) features or (B, num_classes) logits."""
-        x = self.norm(x.mean((2, 3)))
-        return x if pre_logits else self.head(x)
+        self._build_head(dims, num_classes)
+        self._finish_init(head_init_scale, features_only, out_indices)
 
 
 # ---------------------------------------------------------------------------------------- configs

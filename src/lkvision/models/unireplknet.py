@@ -25,7 +25,7 @@ from torch import nn
 
 from ..layers import GRN, DropPath, LayerNorm2d, LayerScale2d, SEBlock, fold_bn_after_linear, fuse_bn, make_bn
 from ..layers.dilated import DILATED_BRANCHES, DilatedReparamConv
-from ._base import LargeKernelNet
+from ._base import ConvNeXtMacroNet
 from ._registry import register_model
 
 __all__ = ["UniRepLKNet", "UniRepLKNetBlock", "DEFAULT_KERNEL_SIZES", "TEST_MODELS"]
@@ -135,7 +135,7 @@ DEFAULT_KERNEL_SIZES: dict[tuple[int, ...], tuple[tuple[int, ...], ...]] = {
 }
 
 
-class UniRepLKNet(LargeKernelNet):
+class UniRepLKNet(ConvNeXtMacroNet):
     """UniRepLKNet classifier / backbone.
 
     Args:
@@ -198,7 +198,6 @@ class UniRepLKNet(LargeKernelNet):
         )
         self.in_chans, self.num_classes = in_chans, num_classes
         self.depths, self.dims, self.kernel_sizes = depths, dims, kernel_sizes
-        self.num_features = dims[-1]
 
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
@@ -222,35 +221,8 @@ class UniRepLKNet(LargeKernelNet):
                 for j in range(depths[i])
             ]))
             cur += depths[i]
-            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-
-        self.apply(self._init_weights)
-        if isinstance(self.head, nn.Linear):
-            with torch.no_grad():
-                self.head.weight.mul_(head_init_scale)
-                self.head.bias.mul_(head_init_scale)
-        self._init_features_mode(features_only, out_indices)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def stage_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        pres = [self.stem, *self.downsamples]
-        return list(zip(pres, self.stages))
-
-    def make_feature_norm(self, index: int, channels: int) -> nn.Module:
-        return LayerNorm2d(channels)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, h, w) -> global mean -> LayerNorm -> (B, C) features or (B, num_classes) logits."""
-        x = self.norm(x.mean((2, 3)))
-        return x if pre_logits else self.head(x)
+        self._build_head(dims, num_classes)
+        self._finish_init(head_init_scale, features_only, out_indices)
 
 
 # ---------------------------------------------------------------------------------------- configs
