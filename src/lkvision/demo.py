@@ -74,7 +74,7 @@ def _merged_params(model: nn.Module) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lkvision demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="sw_tiny", help="registered model name (default: sw_tiny)")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", "--resolution", dest="img_size", type=int, default=224)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tol", type=float, default=1e-4, help="max |y_train - y_deploy| / max |y_train| (1e-4)")

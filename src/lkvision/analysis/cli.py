@@ -71,7 +71,7 @@ def erf_main(argv: list[str]) -> int:
     p.add_argument("--images", default=None, help="folder of images (default: bundled real sample images)")
     p.add_argument("--sample-source", default="auto", choices=("auto", "foolbox", "skimage"))
     p.add_argument("--num-images", type=int, default=50, help="images to aggregate (official: 50)")
-    p.add_argument("--resolution", type=int, default=1024, help="square input size (official: 1024)")
+    p.add_argument("--resolution", "--img-size", type=int, default=1024, help="square input size (official: 1024)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--variant", default="code", choices=("code", "paper"),
                    help="code: official script (ReLU on central outputs, mean over images); "
@@ -260,7 +260,7 @@ def flops_main(argv: list[str]) -> int:
         "Params / FLOPs / MACs (Table-3 style) of one or more models, training and deploy form "
         "(FlopCounterMode; custom ops counted with their registered formulas; 1 MAC = 2 FLOPs)."))
     _common(p)
-    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--resolution", "--img-size", type=int, default=224)
     p.add_argument("--forms", nargs="+", default=["train", "deploy"], choices=("train", "deploy"))
     p.add_argument("--by-operator", action="store_true", help="also report FLOPs per aten operator")
     args = p.parse_args(argv)

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--models", "-m", nargs="+", required=True)
         q.add_argument("--model-kwargs", default=None, help="JSON dict for create_model")
         q.add_argument("--batch-size", "-b", type=int, default=8 if name == "models" else 4)
-        q.add_argument("--resolution", "-r", type=int, default=224)
+        q.add_argument("--resolution", "--img-size", "-r", type=int, default=224)
         q.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
         q.add_argument("--channels-last", action="store_true")
         q.add_argument("--compile", action="store_true", help="torch.compile the model")

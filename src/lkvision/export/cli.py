@@ -12,7 +12,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="lkvision weights (.safetensors or torch file)")
     p.add_argument("--format", choices=("onnx", "torch"), default="onnx")
     p.add_argument("--out", required=True, help="output file (.onnx, or .pt2 for --format torch)")
-    p.add_argument("--img-size", type=int, default=224, help="input height = width (default 224)")
+    p.add_argument("--img-size", "--resolution", dest="img_size", type=int, default=224,
+                   help="input height = width (default 224)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--static-batch", action="store_true", help="fixed batch size 1 instead of a dynamic batch")

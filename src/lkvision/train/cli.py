@@ -57,7 +57,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-freq", type=int, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--drop-path", type=float)
-    p.add_argument("--input-size", type=int)
+    p.add_argument("--input-size", "--img-size", dest="input_size", type=int, help="training crop size")
     p.add_argument("--output", "-o", help="output folder")
     p.add_argument("--resume", help="'auto' (latest checkpoint in --output) or a ckpt-*.state.pt path")
     p.add_argument("--finetune", help="initial weights file")
