@@ -172,6 +172,33 @@ class ConvNeXtMacroNet(LargeKernelNet):
     ``feature_info`` and a LayerNorm2d per stage in ``features_only`` mode (the official ``norm0..3``).
     """
 
+    def _build_stem(self, in_chans: int, dims: Sequence[int], kind: str) -> None:
+        """``self.stem`` and ``self.downsamples``, named as in the official checkpoints' layouts.
+
+        ``kind="patchify"`` (ConvNeXt, SLaK): 4x4/s4 conv + LN; downsample = LN + 2x2/s2 conv.
+        ``kind="conv"`` (UniRepLKNet, ShiftWise): 3x3/s2 conv (C/2) + LN + GELU + 3x3/s2 conv + LN;
+        downsample = 3x3/s2 conv + LN.
+        """
+        from ..layers import LayerNorm2d
+
+        n = len(dims)
+        if kind == "patchify":
+            self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0]))
+            self.downsamples = nn.ModuleList(
+                nn.Sequential(LayerNorm2d(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)) for i in range(n - 1)
+            )
+        elif kind == "conv":
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1), LayerNorm2d(dims[0] // 2), nn.GELU(),
+                nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1), LayerNorm2d(dims[0]),
+            )
+            self.downsamples = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm2d(dims[i + 1]))
+                for i in range(n - 1)
+            )
+        else:
+            raise ValueError(f"unknown stem kind {kind!r}; expected 'patchify' or 'conv'")
+
     def _build_head(self, dims: Sequence[int], num_classes: int) -> None:
         self.num_classes, self.num_features = num_classes, dims[-1]
         self.feature_info = [dict(num_chs=c, reduction=4 * 2**i, module=f"stages.{i}") for i, c in enumerate(dims)]

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..layers import DropPath, LayerNorm2d
+from ..layers import DropPath
 from ..layers.reparam_conv import DepthwiseConv2d, ReparamLargeKernelConv
 from ._base import ConvNeXtMacroNet
 from ._registry import register_model
@@ -98,11 +98,7 @@ class ConvNeXt(ConvNeXtMacroNet):
             raise ValueError(f"depths {tuple(depths)}, dims {tuple(dims)} and kernel_sizes {tuple(kernel_sizes)} "
                              "must have the same length")
         self.in_chans, self.num_classes, self.num_features = in_chans, num_classes, dims[-1]
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0]))
-        self.downsamples = nn.ModuleList(
-            nn.Sequential(LayerNorm2d(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, stride=2))
-            for i in range(len(dims) - 1)
-        )
+        self._build_stem(in_chans, dims, "patchify")
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         k = 0

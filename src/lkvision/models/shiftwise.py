@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..layers import GRN, DropPath, LayerNorm2d, LayerScale2d, SEBlock, fold_bn_after_linear, make_bn
+from ..layers import GRN, DropPath, LayerScale2d, SEBlock, fold_bn_after_linear, make_bn
 from ..layers.shiftwise import ShiftWiseConv2d
 from ._base import ConvNeXtMacroNet
 from ._registry import register_model
@@ -168,17 +168,7 @@ class ShiftWiseNet(ConvNeXtMacroNet):
         )
         self.in_chans = in_chans
 
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
-            LayerNorm2d(dims[0] // 2),
-            nn.GELU(),
-            nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1),
-            LayerNorm2d(dims[0]),
-        )
-        self.downsamples = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm2d(dims[i + 1]))
-            for i in range(3)
-        )
+        self._build_stem(in_chans, dims, "conv")
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList()
         cur = 0

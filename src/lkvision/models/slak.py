@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..layers import DropPath, LayerNorm2d, LayerScale2d
+from ..layers import DropPath, LayerScale2d
 from ..layers.strip import StripConv
 from ._base import ConvNeXtMacroNet
 from ._registry import register_model
@@ -148,11 +148,7 @@ class SLaK(ConvNeXtMacroNet):
         self.depths, self.dims = depths, dims
         self.kernel_sizes, self.small_kernel = kernel_sizes, small_kernel
 
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0]))
-        self.downsamples = nn.ModuleList(
-            nn.Sequential(LayerNorm2d(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, stride=2))
-            for i in range(3)
-        )
+        self._build_stem(in_chans, dims, "patchify")
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         cur = 0
