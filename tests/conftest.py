@@ -63,3 +63,20 @@ def randomize_bn_and_scales(model: nn.Module, seed: int = 0) -> nn.Module:
 def set_threads():
     if os.environ.get("LKV_TEST_THREADS"):
         torch.set_num_threads(int(os.environ["LKV_TEST_THREADS"]))
+
+
+def golden_tensors(case: str, part: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of ``tests/data/golden/<case><part>.safetensors`` (part: "", ".deploy", ".features",
+    ".sw_tables"). The golden files ship with the repository, so a missing one is a failure, never a skip."""
+    from safetensors.torch import load_file
+
+    path = GOLDEN / f"{case}{part}.safetensors"
+    assert path.is_file(), f"golden file {path} is missing (it ships with the repository)"
+    return load_file(str(path))
+
+
+def golden_meta(case: str) -> dict:
+    """The JSON metadata of a golden case (constructor kwargs, counts, listings)."""
+    import json
+
+    return json.loads((GOLDEN / f"{case}.json").read_text())

@@ -42,9 +42,9 @@ def test_throughput_functions_on_a_tiny_module():
 
 def test_bench_cli_models_train_and_dwconv(tmp_path, capsys):
     from lkvision.cli import main
+    from lkvision.models.shiftwise import TEST_MODELS
 
-    mod = pytest.importorskip("lkvision.models.shiftwise")
-    name, kw = "sw_pico", dict(getattr(mod, "TEST_MODELS", {}).get("sw_pico", {}))
+    name, kw = "sw_pico", dict(TEST_MODELS["sw_pico"])
     out = tmp_path / "m.json"
     args = ["--models", name, "--model-kwargs", json.dumps(kw), "-r", "32", "--warmup", "0", "--iters", "1"]
     assert main(["bench", "models", *args, "-b", "1", "--form", "both", "--json", str(out)]) == 0

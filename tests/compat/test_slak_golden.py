@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 import lkvision
+from conftest import golden_meta, golden_tensors
 from lkvision.compat import from_official
 from lkvision.compat.slak import MODEL_KWARGS, official_to_model_kwargs
 from lkvision.layers import StripConv
 from lkvision.models import CheckpointError
 
-GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 CASE = "slak_dev"
 TOL = 1e-5
 
 
 def _load(suffix: str = "") -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = GOLDEN / f"{CASE}{suffix}.safetensors"
-    if not path.exists():
-        pytest.skip(f"golden file {path.name} missing")
-    return load_file(str(path))
+    return golden_tensors(CASE, suffix)
 
 
 def _kwargs() -> dict:
-    return json.loads((GOLDEN / f"{CASE}.json").read_text())["constructor"]["kwargs"]
+    return golden_meta(CASE)["constructor"]["kwargs"]
 
 
 def _strip(sd):
@@ -47,7 +39,7 @@ def test_train_form_reproduces_output(train_model):
     with torch.no_grad():
         y = model(sd["__input__"])
     assert (y - sd["__output__"]).abs().max().item() <= TOL
-    ref = json.loads((GOLDEN / f"{CASE}.json").read_text())["num_parameters"]
+    ref = golden_meta(CASE)["num_parameters"]
     assert sum(p.numel() for p in model.parameters()) == ref
 
 

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 import lkvision
+from conftest import golden_meta, golden_tensors
 from lkvision.compat import from_official
 from lkvision.compat.unireplknet import MODEL_KWARGS, convert_state_dict
 from lkvision.models import CheckpointError
 
-GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 CASE = "unireplknet_dev"
 TOL = 1e-5
 
@@ -23,16 +20,11 @@ def _shapes(module):
 
 
 def _load(suffix: str = "") -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = GOLDEN / f"{CASE}{suffix}.safetensors"
-    if not path.exists():
-        pytest.skip(f"golden file {path.name} missing")
-    return load_file(str(path))
+    return golden_tensors(CASE, suffix)
 
 
 def _kwargs() -> dict:
-    return json.loads((GOLDEN / f"{CASE}.json").read_text())["constructor"]["kwargs"]
+    return golden_meta(CASE)["constructor"]["kwargs"]
 
 
 def _strip(sd):
@@ -79,7 +71,7 @@ def test_our_deploy_form_reproduces_official_deploy_output(train_model):
         y = deploy(sd["__input__"])
     assert (y - sd["__output_deploy__"]).abs().max().item() <= TOL
     assert (y - sd["__output__"]).abs().max().item() <= TOL
-    ref = json.loads((GOLDEN / f"{CASE}.json").read_text())["deploy"]["num_parameters"]
+    ref = golden_meta(CASE)["deploy"]["num_parameters"]
     assert sum(p.numel() for p in deploy.parameters()) == ref
 
 
@@ -103,7 +95,7 @@ def test_official_deploy_flag_builds_deploy_form():
 
 
 def test_param_count_matches_official(train_model):
-    ref = json.loads((GOLDEN / f"{CASE}.json").read_text())["num_parameters"]
+    ref = golden_meta(CASE)["num_parameters"]
     assert sum(p.numel() for p in train_model[0].parameters()) == ref
 
 

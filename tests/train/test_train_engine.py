@@ -275,7 +275,6 @@ def test_folder_training_with_timm_pipeline_counts_corrupt_images(tmp_path):
 
 # ---------------------------------------------------------------------------------------- sparse training
 def test_sparse_recipe_trains_and_masks_survive_resume(tmp_path):
-    pytest.importorskip("lkvision.sparse")
     kw = dict(model="sw_femto", train_subset=64, val_subset=32, batch_size=16, epochs=2, warmup_epochs=0.5,
               sparse={"update_every": 2, "sync_gap": 2})
     cfg = make_config("default_sparse", {**_cfg(tmp_path / "a").to_dict(), **kw, "output": str(tmp_path / "a")})
@@ -319,8 +318,8 @@ def test_torch_compile_option(tmp_path):
 
 
 def test_eval_official_checkpoint_through_compat(tmp_path, capsys):
-    compat_sw = pytest.importorskip("lkvision.compat.shiftwise")
     import lkvision
+    import lkvision.compat.shiftwise as compat_sw
 
     torch.manual_seed(0)
     model = lkvision.create_model("sw_femto", num_classes=10, in_chans=1).eval()
