@@ -107,3 +107,26 @@ def test_flop_formula():
     with FlopCounterMode(display=False) as fc:
         y = dwconv2d(x, w, None, (8, 8, 1, 1), impl="custom")
     assert fc.get_total_flops() == 2 * y.numel() * 3 * 17 > 0
+
+
+@pytest.mark.parametrize("impl", ["torch", "channels_last", "custom"])
+@pytest.mark.parametrize("kernel,padding", [
+    ((3, 15), (6, 8, 1, 1)),    # small asymmetry: zero taps are added to the kernel (SW strip, M = 13)
+    ((15, 3), (1, 1, 6, 8)),
+    ((3, 3), (0, 2, 2, 0)),     # large asymmetry: the input is padded instead
+    ((5, 7), (3, 0, 0, 4)),
+])
+def test_asymmetric_padding_both_strategies(impl, kernel, padding):
+    """Both ways of realising asymmetric padding (kernel zero taps / padded input) equal F.pad + F.conv2d."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 10, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 1, *kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    ref = F.conv2d(F.pad(x, padding), w, b, groups=4)
+    out = dwconv2d(x, w, b, padding, impl=impl)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (x, w, b), g)
+    grads_ref = torch.autograd.grad(ref, (x, w, b), g)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a, r)

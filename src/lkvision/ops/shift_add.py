@@ -143,7 +143,7 @@ _ASSIGNMENT_CACHE_SIZE = 256
 
 
 def _assignment_matrices(pad_hv: Tensor, idx_identit: Tensor, big_kernel: int, small_kernel: int,
-                         dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+                         dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Cached :func:`_compute_assignment_matrices` for plain (eager, non-fake) table tensors."""
     cacheable = (type(pad_hv) is Tensor and type(idx_identit) is Tensor and not torch.compiler.is_compiling()
                  and pad_hv.device.type != "meta")
@@ -164,11 +164,12 @@ def _assignment_matrices(pad_hv: Tensor, idx_identit: Tensor, big_kernel: int, s
 
 
 def _compute_assignment_matrices(pad_hv: Tensor, idx_identit: Tensor, big_kernel: int, small_kernel: int,
-                                 dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+                                 dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Count matrices of the tables (exact small integers in any float dtype).
 
     Ah[c, i, j] (and Av) = number of edges whose block i holds filter j of channel c: (R, nk, nk).
-    As[c, j] = number of edges whose identity pick is filter j of channel c: (R, nk)."""
+    As[c, j] = number of edges whose identity pick is filter j of channel c: (R, nk).
+    Also returns cat([Ah, Av, As[:, None]], 1), (R, 2*nk + 1, nk)."""
     nk = num_blocks(big_kernel, small_kernel)
     channels = idx_identit.shape[0]
     edges = _check_tables(pad_hv, idx_identit, channels, nk)
@@ -179,7 +180,9 @@ def _compute_assignment_matrices(pad_hv: Tensor, idx_identit: Tensor, big_kernel
     if not torch.compiler.is_compiling() and bool(((ident < 0) | (ident >= nk)).any()):
         raise ValueError("shift-add: idx_identit[c, e] must lie in [c*nk, (c+1)*nk) (a filter of channel c)")
     a_s = _one_hot(ident, nk, dtype).sum(1)  # (R, nk)
-    return a[0].contiguous(), a[1].contiguous(), a_s
+    # the three stacked, so that folding a weight is one batched matmul: (R, 2*nk + 1, nk)
+    stacked = torch.cat([a[0], a[1], a_s[:, None, :]], dim=1).contiguous()
+    return a[0].contiguous(), a[1].contiguous(), a_s, stacked
 
 
 # ----------------------------------------------------------------------------------------------- shift-add
@@ -258,7 +261,7 @@ def _shift_add_fast(x: Tensor, pad_hv: Tensor, idx_identit: Tensor, big_kernel: 
     b, cin, hin, win = x.shape
     r = cin // nk
     h, w = hin - 2 * ep, win - 2 * ep
-    a_h, a_v, a_s = _assignment_matrices(pad_hv, idx_identit, big_kernel, small_kernel, x.dtype, x.device)
+    a_h, a_v, a_s, _ = _assignment_matrices(pad_hv, idx_identit, big_kernel, small_kernel, x.dtype, x.device)
     rp = shift_offsets(big_kernel, small_kernel)
     xr = x.reshape(b, r, nk, hin * win)
     yh = torch.matmul(a_h, xr).reshape(b, r, nk, hin, win)[:, :, :, ep:ep + h, :]
@@ -324,13 +327,12 @@ def fold_shiftwise_weight(weight: Tensor, pad_hv: Tensor, idx_identit: Tensor, b
         raise ValueError(f"fold_shiftwise_weight: weight must have shape (R*nk, 1, {k}, {k}) with nk={nk}, "
                          f"got {tuple(weight.shape)}")
     r = weight.shape[0] // nk
-    a_h, a_v, a_s = _assignment_matrices(pad_hv, idx_identit, big_kernel, k, weight.dtype, weight.device)
-    wf = weight.reshape(r, nk, k * k)
-    bh = torch.bmm(a_h, wf).reshape(r, nk, k, k)  # c, i, u, v
-    bv = torch.bmm(a_v, wf).reshape(r, nk, k, k)
+    stacked = _assignment_matrices(pad_hv, idx_identit, big_kernel, k, weight.dtype, weight.device)[3]
+    folded = torch.bmm(stacked, weight.reshape(r, nk, k * k))  # (R, 2*nk + 1, k*k): one matmul for all three
+    bh = folded[:, :nk].reshape(r, nk, k, k)  # c, i, u, v
     kh = bh.permute(0, 2, 1, 3).reshape(r, 1, k, nk * k)
-    kv = bv.reshape(r, 1, nk * k, k)
-    ks = torch.bmm(a_s[:, None, :], wf).reshape(r, 1, k, k)
+    kv = folded[:, nk:2 * nk].reshape(r, 1, nk * k, k)
+    ks = folded[:, 2 * nk].reshape(r, 1, k, k)
     return kh, kv, ks
 
 
