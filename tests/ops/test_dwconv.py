@@ -113,6 +113,7 @@ def test_flop_formula():
 @pytest.mark.parametrize("kernel,padding", [
     ((3, 15), (6, 8, 1, 1)),    # small asymmetry: zero taps are added to the kernel (SW strip, M = 13)
     ((15, 3), (1, 1, 6, 8)),
+    ((3, 48), (23, 24, 1, 1)),  # large kernel: the input is padded (SW strip, M = 47)
     ((3, 3), (0, 2, 2, 0)),     # large asymmetry: the input is padded instead
     ((5, 7), (3, 0, 0, 4)),
 ])

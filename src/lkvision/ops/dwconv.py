@@ -71,9 +71,12 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
 
 
 # Asymmetric padding costs either a padded copy of the input or zero taps added to the kernel (so that conv2d's
-# symmetric padding applies). Zero taps win while they are few next to the kernel (SW strips: M=13 -> 2 of 15
-# columns; measured 0.15 vs 0.23 ms at SW-tiny stage 4 on CPU); large asymmetries still pad the input.
+# symmetric padding applies). Zero taps win for small kernels, where the copy dominates the conv (SW strip M=13:
+# 2 of 15 columns; measured 0.15 vs 0.23 ms at SW-tiny stage 4 on CPU). For large kernels the copy is cheap next
+# to the conv, and oneDNN was seen to pick an intermittently slow path for the widened kernel (3x48 -> 3x49 at
+# SW-tiny stage 3: 2.6 ms in most runs, ~10 ms in some), so they keep padding the input.
 _MAX_ZERO_TAP_FRACTION = 0.25
+_MAX_ZERO_TAP_KERNEL = 64  # kernel taps (KH*KW) up to which zero taps may be used
 
 
 def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int]) -> Tensor:
@@ -84,7 +87,7 @@ def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, 
     kh, kw = weight.shape[-2:]
     pw, ph = max(left, right), max(top, bottom)
     extra_taps = (kh + 2 * ph - top - bottom) * (kw + 2 * pw - left - right) - kh * kw
-    if extra_taps <= _MAX_ZERO_TAP_FRACTION * kh * kw:
+    if kh * kw <= _MAX_ZERO_TAP_KERNEL and extra_taps <= _MAX_ZERO_TAP_FRACTION * kh * kw:
         weight = F.pad(weight, (pw - left, pw - right, ph - top, ph - bottom))
         return F.conv2d(x, weight, bias, padding=(ph, pw), groups=x.shape[1])
     sw, sh = min(left, right), min(top, bottom)
