@@ -7,20 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import randomize_bn_and_scales
 from lkvision.layers import ReparamLargeKernelConv
 from lkvision.layers.reparam_conv import ConvBNAct, DepthwiseConv2d, fold_bn_into_next_conv1x1
-
-
-@torch.no_grad()
-def _randomize_bns(module: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-    return module
 
 
 def _reference(layer: ReparamLargeKernelConv, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +39,7 @@ CASES = [
 @pytest.mark.parametrize("kernel,small,stride,h,w", CASES)
 def test_reparameterize_is_exact_fp64(kernel, small, stride, h, w):
     torch.manual_seed(0)
-    layer = _randomize_bns(ReparamLargeKernelConv(6, kernel, small, stride=stride)).double().eval()
+    layer = randomize_bn_and_scales(ReparamLargeKernelConv(6, kernel, small, stride=stride)).double().eval()
     x = torch.randn(2, 6, h, w, dtype=torch.float64)
     with torch.no_grad():
         ref = _reference(layer, x)
@@ -70,7 +59,7 @@ def test_reparameterize_is_exact_fp64(kernel, small, stride, h, w):
 
 def test_reparameterize_fp32_close():
     torch.manual_seed(1)
-    layer = _randomize_bns(ReparamLargeKernelConv(8, 31, 5)).eval()
+    layer = randomize_bn_and_scales(ReparamLargeKernelConv(8, 31, 5)).eval()
     x = torch.randn(2, 8, 24, 20)
     with torch.no_grad():
         y = layer(x)
@@ -80,8 +69,8 @@ def test_reparameterize_fp32_close():
 
 def test_forward_backward_match_reference_fp64():
     torch.manual_seed(2)
-    layer = _randomize_bns(ReparamLargeKernelConv(4, (9, 7), (3, 5))).double().train()
-    ref_layer = _randomize_bns(ReparamLargeKernelConv(4, (9, 7), (3, 5))).double().train()
+    layer = randomize_bn_and_scales(ReparamLargeKernelConv(4, (9, 7), (3, 5))).double().train()
+    ref_layer = randomize_bn_and_scales(ReparamLargeKernelConv(4, (9, 7), (3, 5))).double().train()
     ref_layer.load_state_dict(layer.state_dict())
     x = torch.randn(2, 4, 12, 10, dtype=torch.float64, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
@@ -116,7 +105,7 @@ def test_bad_kernel_spec():
 def test_conv_bn_act_fold_exact():
     torch.manual_seed(3)
     for groups, k, stride in ((1, 3, 2), (8, 3, 1), (1, 1, 1)):
-        m = _randomize_bns(ConvBNAct(8, 8, k, stride=stride, groups=groups, act=nn.ReLU6())).double().eval()
+        m = randomize_bn_and_scales(ConvBNAct(8, 8, k, stride=stride, groups=groups, act=nn.ReLU6())).double().eval()
         x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
         with torch.no_grad():
             y = m(x)
@@ -135,7 +124,7 @@ def test_depthwise_conv2d_matches_conv2d():
 
 def test_fold_prebn_into_1x1():
     torch.manual_seed(5)
-    bn = _randomize_bns(nn.BatchNorm2d(6)).double().eval()
+    bn = randomize_bn_and_scales(nn.BatchNorm2d(6)).double().eval()
     conv = nn.Conv2d(6, 4, 1, bias=True).double()
     x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
     with torch.no_grad():

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import lkvision
+from conftest import randomize_bn_and_scales
 from lkvision.layers import ReparamLargeKernelConv
 from lkvision.models.mobilenetv2 import InvertedResidual, MobileNetV2
 from lkvision.utils import count_macs, count_params
@@ -46,14 +47,8 @@ def test_feature_info_and_counts():
 
 def test_deploy_exact_no_bn():
     torch.manual_seed(0)
-    m = lkvision.create_model("mobilenetv2_nano_k13_rep3", num_classes=10).eval()
-    g = torch.Generator().manual_seed(1)
+    m = randomize_bn_and_scales(lkvision.create_model("mobilenetv2_nano_k13_rep3", num_classes=10), seed=1).eval()
     with torch.no_grad():
-        for bn in m.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
-                bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
-                bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
         x = torch.randn(2, 3, 64, 96)  # fp32: CPU grouped convs in fp64 loop over groups (slow)
         y = m(x)
         d = lkvision.reparameterize(m)

@@ -7,23 +7,12 @@ import torch
 from torch import nn
 
 import lkvision
+from conftest import randomize_bn_and_scales
 from lkvision.layers import ReparamLargeKernelConv
 from lkvision.models.replknet import ConvFFN, RepLKBlock, RepLKNet
 from lkvision.utils import count_macs, count_params
 
 IMG = 64
-
-
-@torch.no_grad()
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
 
 
 def test_structure_matches_spec():
@@ -56,7 +45,7 @@ def test_drop_path_rates_linear_and_shared():
 
 def test_deploy_form_exact_and_batchnorm_free():
     torch.manual_seed(0)
-    m = _randomize(lkvision.create_model("replknet_nano", num_classes=10)).eval()
+    m = randomize_bn_and_scales(lkvision.create_model("replknet_nano", num_classes=10)).eval()
     x = torch.randn(2, 3, IMG, IMG + 32)  # fp32: CPU grouped convs in fp64 loop over groups (slow)
     with torch.no_grad():
         y = m(x)

@@ -7,19 +7,15 @@ import torch
 from torch import nn
 
 import lkvision
+from conftest import randomize_bn_and_scales
 from lkvision.models.resnet import fold_conv_bn_pairs, timm_key_to_lkvision
 from lkvision.utils import count_params
 
 
 def test_resnet18_api_and_fold():
     torch.manual_seed(0)
-    m = lkvision.create_model("resnet18", num_classes=10).eval()
-    g = torch.Generator().manual_seed(1)
+    m = randomize_bn_and_scales(lkvision.create_model("resnet18", num_classes=10), seed=1).eval()
     with torch.no_grad():
-        for bn in m.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
-                bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
         x = torch.randn(2, 3, 64, 64)
         y = m(x)
         f = m.forward_features(x)

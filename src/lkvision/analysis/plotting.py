@@ -73,6 +73,18 @@ def save_json(obj, path: str | Path) -> Path:
     return path
 
 
+def _save_figure(fig, path: str | Path, suptitle: str | None = None) -> Path:
+    """Lay out, write (PNG, creating the folder) and close a figure; returns the path."""
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
     cols = min(n, max_cols)
     return math.ceil(n / cols), cols
@@ -91,14 +103,7 @@ def plot_erf_maps(maps: Mapping[str, torch.Tensor], path: str | Path, suptitle: 
         ax.set_xticks([])
         ax.set_yticks([])
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, suptitle)
 
 
 def plot_kernel_maps(maps: Mapping[str, torch.Tensor], path: str | Path, suptitle: str | None = None) -> Path:
@@ -112,14 +117,7 @@ def plot_kernel_maps(maps: Mapping[str, torch.Tensor], path: str | Path, suptitl
         im = ax.imshow(k.float().numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, suptitle)
 
 
 def plot_sparsity(report, path: str | Path) -> Path:
@@ -138,28 +136,20 @@ def plot_sparsity(report, path: str | Path) -> Path:
     ax.set_ylabel("sparsity (pruned filters / filters)")
     ax.set_title("(a) sparsity vs depth")
     ax.legend(fontsize=8)
-    ax = axes[1]
-    for s in stages:
-        frac = report.index_distribution[s]
-        ax.plot(range(len(frac)), frac, marker="o", color=colors(s % 10), label=f"stage {s}")
-    ax.set_xlabel("Filter No. (index inside a group)")
-    ax.set_ylabel("pruned at index / groups")
-    ax.set_title("(b) pruned filter indices")
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    for s in stages:
-        frac = report.count_distribution[s]
-        ax.plot(range(len(frac)), frac, marker="s", color=colors(s % 10), label=f"stage {s}")
-    ax.set_xlabel("pruned num (filters removed in a group)")
-    ax.set_ylabel("share of groups")
-    ax.set_title("(c) pruned filters per group")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    panels = (  # (axis, per-stage distribution, marker, x label, y label, title)
+        (axes[1], report.index_distribution, "o", "Filter No. (index inside a group)", "pruned at index / groups",
+         "(b) pruned filter indices"),
+        (axes[2], report.count_distribution, "s", "pruned num (filters removed in a group)", "share of groups",
+         "(c) pruned filters per group"),
+    )
+    for ax, dist, marker, xlabel, ylabel, title in panels:
+        for s in stages:
+            ax.plot(range(len(dist[s])), dist[s], marker=marker, color=colors(s % 10), label=f"stage {s}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    return _save_figure(fig, path)
 
 
 def plot_coverage(curves: Sequence[Mapping], path: str | Path, maps: Mapping[str, torch.Tensor] | None = None
@@ -192,9 +182,4 @@ def plot_coverage(curves: Sequence[Mapping], path: str | Path, maps: Mapping[str
         im = axes[0, 1].imshow(tiles.numpy(), cmap="viridis", vmin=0, interpolation="nearest", aspect="auto")
         axes[0, 1].set_title(f"use count per filter map ({name})", fontsize=9)
         fig.colorbar(im, ax=axes[0, 1], fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)

@@ -31,19 +31,15 @@ import torch
 
 from ..layers.dilated import dilated_branches_for
 from ..models._weights import CheckpointError, check_state_dict
-from ..models.unireplknet import UniRepLKNet
+from ..models.unireplknet import UNIREPLKNET_CONFIGS, UniRepLKNet
 
 __all__ = ["from_official", "convert_state_dict", "official_to_model_kwargs", "MODEL_KWARGS"]
 
-#: official constructor kwargs of each registered lkvision model (kernel sizes: the official defaults).
+#: official constructor kwargs of each registered lkvision model: the official variants share our config table
+#: (depths, dims; kernel sizes are the official per-depth defaults); the tiny test config has no official twin.
 MODEL_KWARGS: dict[str, dict] = {
-    "unireplknet_a": dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320)),
-    "unireplknet_f": dict(depths=(2, 2, 6, 2), dims=(48, 96, 192, 384)),
-    "unireplknet_p": dict(depths=(2, 2, 6, 2), dims=(64, 128, 256, 512)),
-    "unireplknet_n": dict(depths=(2, 2, 8, 2), dims=(80, 160, 320, 640)),
-    "unireplknet_t": dict(depths=(3, 3, 18, 3), dims=(80, 160, 320, 640)),
-    "unireplknet_s": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)),
-    "unireplknet_b": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
+    name: dict(depths=cfg["depths"], dims=cfg["dims"])
+    for name, cfg in UNIREPLKNET_CONFIGS.items() if "kernel_sizes" not in cfg
 }
 
 _OFFICIAL_KWARGS = {

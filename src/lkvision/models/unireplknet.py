@@ -220,7 +220,7 @@ def _create(name: str, cfg: dict, **kwargs) -> UniRepLKNet:
     return UniRepLKNet(**{**cfg, **kwargs})
 
 
-_CFGS: dict[str, dict] = {
+UNIREPLKNET_CONFIGS: dict[str, dict] = {
     "unireplknet_a": dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320)),
     "unireplknet_f": dict(depths=(2, 2, 6, 2), dims=(48, 96, 192, 384)),
     "unireplknet_p": dict(depths=(2, 2, 6, 2), dims=(64, 128, 256, 512)),
@@ -237,49 +237,49 @@ _CFGS: dict[str, dict] = {
 @register_model
 def unireplknet_a(**kwargs) -> UniRepLKNet:
     """UniRepLKNet-A (4.4M params)."""
-    return _create("unireplknet_a", _CFGS["unireplknet_a"], **kwargs)
+    return _create("unireplknet_a", UNIREPLKNET_CONFIGS["unireplknet_a"], **kwargs)
 
 
 @register_model
 def unireplknet_f(**kwargs) -> UniRepLKNet:
     """UniRepLKNet-F (6.2M params)."""
-    return _create("unireplknet_f", _CFGS["unireplknet_f"], **kwargs)
+    return _create("unireplknet_f", UNIREPLKNET_CONFIGS["unireplknet_f"], **kwargs)
 
 
 @register_model
 def unireplknet_p(**kwargs) -> UniRepLKNet:
     """UniRepLKNet-P (10.7M params)."""
-    return _create("unireplknet_p", _CFGS["unireplknet_p"], **kwargs)
+    return _create("unireplknet_p", UNIREPLKNET_CONFIGS["unireplknet_p"], **kwargs)
 
 
 @register_model
 def unireplknet_n(**kwargs) -> UniRepLKNet:
     """UniRepLKNet-N (18.3M params)."""
-    return _create("unireplknet_n", _CFGS["unireplknet_n"], **kwargs)
+    return _create("unireplknet_n", UNIREPLKNET_CONFIGS["unireplknet_n"], **kwargs)
 
 
 @register_model
 def unireplknet_t(**kwargs) -> UniRepLKNet:
     """UniRepLKNet-T (31M params, 4.9 GMACs at 224; deploy-form counts)."""
-    return _create("unireplknet_t", _CFGS["unireplknet_t"], **kwargs)
+    return _create("unireplknet_t", UNIREPLKNET_CONFIGS["unireplknet_t"], **kwargs)
 
 
 @register_model
 def unireplknet_s(**kwargs) -> UniRepLKNet:
     """UniRepLKNet-S (56M params, 9.1 GMACs at 224; deploy-form counts)."""
-    return _create("unireplknet_s", _CFGS["unireplknet_s"], **kwargs)
+    return _create("unireplknet_s", UNIREPLKNET_CONFIGS["unireplknet_s"], **kwargs)
 
 
 @register_model
 def unireplknet_b(**kwargs) -> UniRepLKNet:
     """UniRepLKNet-B (98M params)."""
-    return _create("unireplknet_b", _CFGS["unireplknet_b"], **kwargs)
+    return _create("unireplknet_b", UNIREPLKNET_CONFIGS["unireplknet_b"], **kwargs)
 
 
 @register_model
 def unireplknet_test(**kwargs) -> UniRepLKNet:
     """Tiny UniRepLKNet for CPU tests (not a published configuration)."""
-    return _create("unireplknet_test", _CFGS["unireplknet_test"], **kwargs)
+    return _create("unireplknet_test", UNIREPLKNET_CONFIGS["unireplknet_test"], **kwargs)
 
 
 #: tiny CPU configurations iterated by the generic model tests (name -> constructor kwargs).
