@@ -90,34 +90,32 @@ def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def plot_erf_maps(maps: Mapping[str, torch.Tensor], path: str | Path, suptitle: str | None = None) -> Path:
-    """Several log-normalised ERF maps (values in [0, 1]) side by side, one colour bar each."""
+def _plot_map_grid(maps: Mapping[str, torch.Tensor], path: str | Path, suptitle: str | None, *, cmap: str,
+                   cell: tuple[float, float], fontsize: int, hide_ticks: bool) -> Path:
+    """Maps with values in [0, 1] side by side (up to 4 per row), one colour bar each."""
     plt = _plt()
     rows, cols = _grid(len(maps))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
     for ax in axes.flat[len(maps):]:
         ax.axis("off")
     for ax, (name, a) in zip(axes.flat, maps.items()):
-        im = ax.imshow(a.float().numpy(), cmap="RdYlGn", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_title(name, fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        im = ax.imshow(a.float().numpy(), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(name, fontsize=fontsize)
+        if hide_ticks:
+            ax.set_xticks([])
+            ax.set_yticks([])
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return _save_figure(fig, path, suptitle)
+
+
+def plot_erf_maps(maps: Mapping[str, torch.Tensor], path: str | Path, suptitle: str | None = None) -> Path:
+    """Several log-normalised ERF maps (values in [0, 1]) side by side, one colour bar each."""
+    return _plot_map_grid(maps, path, suptitle, cmap="RdYlGn", cell=(4.2, 4.0), fontsize=10, hide_ticks=True)
 
 
 def plot_kernel_maps(maps: Mapping[str, torch.Tensor], path: str | Path, suptitle: str | None = None) -> Path:
     """Aggregated |kernel| maps (each rescaled to [0, 1]) side by side."""
-    plt = _plt()
-    rows, cols = _grid(len(maps))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.6 * rows), squeeze=False)
-    for ax in axes.flat[len(maps):]:
-        ax.axis("off")
-    for ax, (name, k) in zip(axes.flat, maps.items()):
-        im = ax.imshow(k.float().numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return _save_figure(fig, path, suptitle)
+    return _plot_map_grid(maps, path, suptitle, cmap="viridis", cell=(3.8, 3.6), fontsize=9, hide_ticks=False)
 
 
 def plot_sparsity(report, path: str | Path) -> Path:
