@@ -22,8 +22,8 @@ import sys
 import pytest
 import torch
 
-from lkvision.ops.kernels import is_available
-from lkvision.ops.kernels.triton_dwconv import dwconv2d, dwconv2d_reference
+from lkvision.ops.kernels import is_available, triton_dwconv
+from lkvision.ops.kernels.triton_dwconv import dwconv2d, dwconv2d_reference, dwconv2d_sum
 from lkvision.ops.kernels.triton_shiftwise import shiftwise_strips, shiftwise_strips_reference
 
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -113,6 +113,74 @@ def sw_case(shape, big_kernel, *, k=3, separate=True, dtype=torch.float32, layou
     return errs
 
 
+def dwsum_case(shape, kernels, paddings, *, dtype=torch.float32, layout="nchw", bias=True, device="cpu",
+               seed=0) -> dict:
+    """Errors of dwconv2d_sum (sum of depth-wise convs of one input + bias; forward and all gradients)."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64)
+    w64 = [torch.randn((c, 1, *k), generator=g, dtype=torch.float64) / math.prod(k) ** 0.5 for k in kernels]
+    b64 = torch.randn(c, generator=g, dtype=torch.float64) if bias else None
+    x = _layout(x64.to(dtype), layout).to(device).requires_grad_()
+    ws = [w.to(dtype).to(device).requires_grad_() for w in w64]
+    bt = b64.to(dtype).to(device).requires_grad_() if bias else None
+    y = dwconv2d_sum(x, ws, bt, paddings)
+    gy64 = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gy64.to(dtype).to(device))
+
+    xr = x.detach().double().cpu().requires_grad_()
+    wr = [w.detach().double().cpu().requires_grad_() for w in ws]
+    br = bt.detach().double().cpu().requires_grad_() if bias else None
+    yr = sum(dwconv2d_reference(xr, w, None, pad) for w, pad in zip(wr, paddings))
+    if bias:
+        yr = yr + br.view(1, -1, 1, 1)
+    yr.backward(gy64)
+    errs = {"out": _rel(y, yr), "grad_x": _rel(x.grad, xr.grad)}
+    errs.update({f"grad_w{t}": _rel(w.grad, w_ref.grad) for t, (w, w_ref) in enumerate(zip(ws, wr))})
+    if bias:
+        errs["grad_b"] = _rel(bt.grad, br.grad)
+    errs["layout_kept"] = float((layout == "nhwc") == y.is_contiguous(memory_format=torch.channels_last))
+    errs["shape_ok"] = float(tuple(y.shape) == tuple(yr.shape))
+    return errs
+
+
+def layer_case(channels, big_kernel, shape, *, deploy=False, dtype=torch.float32, layout="nchw", device="cpu",
+               seed=0, impl="triton") -> dict:
+    """ShiftWiseConv2d with impl="triton" (training form: the fused separate op; deploy form: dwconv2d_sum)
+    against the same layer on the PyTorch paths in float64, forward and gradients (eval mode, random BN)."""
+    import copy
+
+    from lkvision.layers.shiftwise import ShiftWiseConv2d
+
+    torch.manual_seed(seed)
+    layer = ShiftWiseConv2d(channels, big_kernel, impl=impl, dwconv_impl=impl).eval()
+    with torch.no_grad():
+        for m in layer.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    if deploy:
+        layer.reparameterize()
+    ref = copy.deepcopy(layer).double()
+    ref.impl, ref.dwconv_impl = "fast", "torch"
+    layer = layer.to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = _layout(x64.to(dtype), layout).to(device).requires_grad_()
+    xr = x64.clone().requires_grad_()
+    y, yr = layer(x), ref(xr)
+    gy = torch.randn(yr.shape, generator=g, dtype=torch.float64)
+    y.backward(gy.to(dtype).to(device))
+    yr.backward(gy)
+    errs = {"out": _rel(y, yr), "grad_x": _rel(x.grad, xr.grad)}
+    for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
+        if p_ref.grad is not None and p_ref.grad.abs().sum() > 0:
+            errs[f"grad_{name}"] = _rel(p.grad, p_ref.grad)
+    return errs
+
+
 _BF, _HF = "bfloat16", "float16"
 # name -> (kind, kwargs). Shapes are tiny: the interpreter runs every program in Python.
 FAST_CASES = {
@@ -125,6 +193,18 @@ FAST_CASES = {
     "sw_separate_nchw": ("sw", dict(shape=(1, 2, 6, 7), big_kernel=7)),
     "sw_deploy_nhwc": ("sw", dict(shape=(1, 5, 5, 6), big_kernel=8, separate=False, layout="nhwc")),
     "sw_deploy_fp16": ("sw", dict(shape=(1, 2, 5, 6), big_kernel=5, separate=False, dtype=_HF)),
+    # tensor-core (tl.dot) kernel: row-Toeplitz, column-Toeplitz and direct terms in one launch, several tiles
+    "sw_separate_mma_tiles": ("sw", dict(shape=(1, 2, 19, 21), big_kernel=13)),
+    "sw_deploy_mma_fp16": ("sw", dict(shape=(1, 2, 9, 18), big_kernel=13, separate=False, dtype=_HF)),
+    "dw_tall_strip_51x3": ("dw", dict(shape=(1, 2, 20, 6), kernel=(51, 3), padding=(1, 1, 25, 25))),
+    # dwconv2d_sum: the SW deploy form (widened horizontal strip with the small kernel folded in + vertical strip)
+    "dwsum_sw_deploy_nchw": ("dwsum", dict(shape=(2, 3, 10, 17), kernels=[(3, 15), (13, 3)],
+                                           paddings=[(7, 7, 1, 1), (1, 1, 6, 6)])),
+    "layer_sw_train_triton": ("layer", dict(channels=8, big_kernel=13, shape=(2, 8, 9, 11))),
+    "layer_sw_deploy_triton": ("layer", dict(channels=8, big_kernel=13, shape=(2, 8, 9, 11), deploy=True)),
+    "layer_sw_auto_measured": ("auto", dict(channels=8, big_kernel=13, shape=(1, 8, 7, 9))),
+    "dwsum_sw_deploy_nhwc": ("dwsum", dict(shape=(1, 5, 7, 8), kernels=[(3, 9), (8, 3), (3, 3)],
+                                           paddings=[(4, 4, 1, 1), (1, 1, 4, 3), (1, 1, 1, 1)], layout="nhwc")),
 }
 SLOW_CASES = {
     "dw_k13_nchw": ("dw", dict(shape=(2, 3, 10, 12), kernel=(13, 13), padding=(6, 6, 6, 6))),
@@ -136,12 +216,59 @@ SLOW_CASES = {
 }
 
 
+# kernel paths (triton_dwconv.LAUNCHES keys) a case must run under the interpreter
+EXPECTED_PATHS = {
+    "dw_nchw_asym": {"direct_nchw", "grad_weight"},
+    "dw_nhwc_same": {"direct_nhwc", "grad_weight"},
+    "dw_toeplitz_wide": {"mma", "grad_weight"},
+    "dw_bf16": {"direct_nchw", "grad_weight"},
+    "sw_separate_mma_tiles": {"mma", "grad_weight"},
+    "sw_deploy_mma_fp16": {"mma", "grad_weight"},
+    "dw_tall_strip_51x3": {"mma", "grad_weight"},
+    "dwsum_sw_deploy_nchw": {"mma", "grad_weight"},
+    "dwsum_sw_deploy_nhwc": {"direct_nhwc", "grad_weight"},
+    "layer_sw_train_triton": {"mma", "grad_weight"},
+    "layer_sw_deploy_triton": {"mma", "grad_weight"},
+}
+
+
+def auto_case(channels, big_kernel, shape, *, dtype=torch.float32, device="cpu") -> dict:
+    """impl="auto" of a ShiftWiseConv2d (train form, then deploy form) with the CUDA-only measured dispatch
+    opened to CPU tensors (interpreter): every candidate (fused Triton op vs PyTorch strips) must run
+    forward + backward under autoselect's timer, and the layer must still match the float64 reference."""
+    import functools
+    import importlib
+
+    from lkvision.ops import autoselect
+
+    shift_add = importlib.import_module("lkvision.ops.shift_add")  # (lkvision.ops.shift_add is also a function)
+
+    orig, counts = shift_add._kernels_module, (autoselect.WARMUP, autoselect.REPEATS)
+    shift_add._kernels_module = functools.partial(orig, cuda_only=False)
+    autoselect.WARMUP, autoselect.REPEATS = 0, 1  # the interpreter is slow; one timed call per candidate
+    try:
+        autoselect.clear_cache()
+        errs = {f"train_{k}": v for k, v in layer_case(channels, big_kernel, shape, impl="auto").items()}
+        errs.update({f"deploy_{k}": v for k, v in layer_case(channels, big_kernel, shape, deploy=True,
+                                                              impl="auto").items()})
+        table = {op: entry for (op, _), entry in autoselect.cache_table().items()}
+    finally:
+        shift_add._kernels_module = orig
+        autoselect.WARMUP, autoselect.REPEATS = counts
+    for op, names in (("shiftwise_conv", {"triton", "fast"}), ("shiftwise_deploy_conv", {"triton", "two_convs"})):
+        timed = table.get(op, {}).get("times_ms", {})
+        errs[f"timed_{op}"] = float(set(timed) == names and all(t is not None and t > 0 for t in timed.values()))
+    return errs
+
+
 def run_case(name: str, device: str = "cpu") -> dict:
     kind, kw = {**FAST_CASES, **SLOW_CASES}[name]
     kw = dict(kw)
     dtype = getattr(torch, kw.pop("dtype", "float32"))
-    fn = dw_case if kind == "dw" else sw_case
+    fn = {"dw": dw_case, "sw": sw_case, "dwsum": dwsum_case, "layer": layer_case, "auto": auto_case}[kind]
+    before = dict(triton_dwconv.LAUNCHES)
     errs = fn(**kw, dtype=dtype, device=device)
+    errs["paths"] = sorted(k for k, v in triton_dwconv.LAUNCHES.items() if v > before.get(k, 0))
     errs["tol"] = TOL[dtype]
     return errs
 
@@ -150,9 +277,9 @@ def _assert_case(errs: dict, name: str) -> None:
     assert "error" not in errs, f"{name}: {errs.get('error')}"
     tol = errs["tol"]
     for key, val in errs.items():
-        if key in ("tol",):
+        if key in ("tol", "paths"):
             continue
-        if key in ("layout_kept", "shape_ok"):
+        if key in ("layout_kept", "shape_ok") or key.startswith("timed_"):
             assert val == 1.0, f"{name}: {key} failed"
         else:
             assert val <= tol, f"{name}: {key} rel. error {val:.2e} > {tol:.0e} ({errs})"
@@ -169,7 +296,8 @@ def test_is_available_cpu_without_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["dw_nchw_asym", "dw_nhwc_same", "dw_strided_small_input",
-                                  "sw_separate_nchw", "sw_deploy_nhwc"])
+                                  "sw_separate_nchw", "sw_deploy_nhwc", "dwsum_sw_deploy_nchw",
+                                  "dwsum_sw_deploy_nhwc"])
 def test_fallback_matches_reference(monkeypatch, name):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _assert_case(run_case(name), name)
@@ -219,6 +347,26 @@ def test_opcheck_fake_and_autograd_registrations():
     ks = torch.randn(r, 1, 3, 3, requires_grad=True)
     torch.library.opcheck(ops.triton_shiftwise, (x, kh, kv, ks, 9), test_utils=quick)
     torch.library.opcheck(ops.triton_shiftwise_fused, (x, kh, kv, ks, b, 7), test_utils=quick)
+    w2 = torch.randn(3, 1, 7, 3, requires_grad=True)
+    torch.library.opcheck(ops.triton_dwconv2d_sum, (x, [w, w2], b, [2, 2, 1, 1, 1, 1, 3, 3]))
+    torch.library.opcheck(ops.triton_dwconv2d_sum_grad_input, (x.detach(), [w.detach(), w2.detach()],
+                                                               [2, 2, 1, 1, 1, 1, 3, 3], [6, 7], False),
+                          test_utils=quick)
+
+
+def test_dwconv2d_sum_errors():
+    x = torch.randn(1, 4, 8, 8)
+    wh, wv = torch.randn(4, 1, 3, 5), torch.randn(4, 1, 5, 3)
+    with pytest.raises(ValueError, match="term 1 gives a"):
+        dwconv2d_sum(x, [wh, wv], None, [(2, 2, 1, 1), (1, 1, 0, 0)])
+    with pytest.raises(ValueError, match="one padding each"):
+        dwconv2d_sum(x, [wh, wv], None, [(2, 2, 1, 1)])
+    with pytest.raises(ValueError, match=r"expected weights\[1\] of shape \(4, 1, KH, KW\)"):
+        dwconv2d_sum(x, [wh, wv[:3]], None, [(2, 2, 1, 1), (1, 1, 2, 2)])
+    with pytest.raises(ValueError, match="must be non-negative"):
+        dwconv2d_sum(x, [wh], None, [(2, 2, -1, 3)])
+    with pytest.raises(TypeError, match="dtype"):
+        dwconv2d_sum(x, [wh.double()], None, [(2, 2, 1, 1)])
 
 
 def test_torch_export_sees_custom_op():
@@ -237,9 +385,9 @@ def test_torch_export_sees_custom_op():
 # ----------------------------------------------------------------------------------------------------------
 # Tier 2: Triton interpreter (subprocess)
 # ----------------------------------------------------------------------------------------------------------
-def _run_interpreter(names: list[str]) -> dict:
+def _run_interpreter(names: list[str], **extra_env: str) -> dict:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", **extra_env)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interp", *names], env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
@@ -257,11 +405,33 @@ def interp_slow():
     return _run_interpreter(list(SLOW_CASES))
 
 
+AUTOTUNE_CASES = ["dw_nchw_asym", "dw_nhwc_same", "dw_toeplitz_wide", "sw_separate_nchw"]
+
+
+@pytest.fixture(scope="module")
+def interp_autotune():
+    return _run_interpreter(AUTOTUNE_CASES, LKVISION_TRITON_AUTOTUNE_IN_INTERPRETER="1")
+
+
+@pytest.mark.triton
+def test_interpreter_autotune_plumbing(interp_autotune):
+    """The GPU launch path (triton.autotune wrappers, keys, heuristics, configs) run on CPU: two configs per
+    kernel timed on the host. Every autotuned kernel must have been tuned for at least one key."""
+    for name in AUTOTUNE_CASES:
+        _assert_case(interp_autotune[name], name)
+        assert set(interp_autotune[name]["paths"]) == EXPECTED_PATHS.get(name, set(interp_autotune[name]["paths"]))
+    tuned = interp_autotune["_autotuned"]
+    assert set(tuned) == {"_fwd_mma", "_fwd_nchw", "_fwd_nhwc", "_gw_nchw", "_gw_nhwc"}, tuned
+    assert all(n >= 1 for n in tuned.values()), tuned
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("name", list(FAST_CASES))
 def test_interpreter_kernels(interp_fast, name):
     assert interp_fast["_available"], "is_available(cpu tensor) must be True under TRITON_INTERPRET=1"
     _assert_case(interp_fast[name], name)
+    if name in EXPECTED_PATHS:
+        assert set(interp_fast[name]["paths"]) == EXPECTED_PATHS[name], interp_fast[name]["paths"]
 
 
 @pytest.mark.triton
@@ -275,6 +445,17 @@ def test_interpreter_kernels_slow(interp_slow, name):
 # Tier 3: GPU
 # ----------------------------------------------------------------------------------------------------------
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_convs():
+    """fp32 parity at 2e-5 needs full-precision convs: no TF32 in cuDNN (the reference) nor in our tensor-core
+    kernel (which follows torch.backends.cudnn.allow_tf32, see dot_precision); test_gpu_tf32_follows_cudnn_flag
+    covers the TF32 setting."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
 GPU_DW = [
     ((2, 16, 33, 45), (31, 31), (15, 15, 15, 15)),  # odd sizes
     ((1, 8, 12, 10), (51, 51), (25, 25, 25, 25)),  # H, W < K, batch 1
@@ -287,10 +468,13 @@ GPU_DW = [
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("mma", ["mma", "direct"])
 @pytest.mark.parametrize("dtype", [_BF, _HF, "float32"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided"])
 @pytest.mark.parametrize("geom", GPU_DW, ids=lambda g: f"{g[0]}-{g[1]}")
-def test_gpu_dwconv(geom, layout, dtype):
+def test_gpu_dwconv(geom, layout, dtype, mma, monkeypatch):
+    if mma == "direct":
+        monkeypatch.setenv("LKVISION_DW_TOEPLITZ", "0")
     shape, kernel, padding = geom
     dt = getattr(torch, dtype)
     errs = dw_case(shape, kernel, padding, dtype=dt, layout=layout, device="cuda")
@@ -313,6 +497,29 @@ def test_gpu_shiftwise(geom, separate, layout, dtype):
     _assert_case(errs, f"{geom}-{separate}-{layout}-{dtype}")
 
 
+def _sw_deploy_geometry(m: int, k: int = 3):
+    """Kernel sizes and paddings of a deployed ShiftWiseConv2d (widened horizontal strip, vertical strip)."""
+    strip_len, mid = k * -(-m // k), m // 2
+    left, right = max(mid, k // 2), max(strip_len - 1 - mid, k // 2)
+    return [(k, left + right + 1), (strip_len, k)], [(left, right, k // 2, k // 2), (k // 2, k // 2, mid,
+                                                                                      strip_len - 1 - mid)]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [_BF, "float32"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("geom", [((4, 80, 56, 56), 51), ((2, 160, 28, 28), 49), ((2, 320, 14, 14), 47),
+                                  ((3, 640, 7, 7), 13)])
+def test_gpu_dwconv2d_sum_sw_deploy(geom, layout, dtype):
+    shape, m = geom
+    kernels, paddings = _sw_deploy_geometry(m)
+    dt = getattr(torch, dtype)
+    errs = dwsum_case(shape, kernels, paddings, dtype=dt, layout=layout, device="cuda")
+    errs["tol"] = TOL[dt]
+    _assert_case(errs, f"{geom}-{layout}-{dtype}")
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_is_available_and_compile():
@@ -326,6 +533,18 @@ def test_gpu_is_available_and_compile():
     ref = f(x)
     out = torch.compile(f, fullgraph=True)(x)
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_tf32_follows_cudnn_flag(monkeypatch):
+    """With cudnn.allow_tf32 (PyTorch's default) the fp32 tensor-core kernel runs one TF32 pass: error at TF32
+    level, larger than the tf32x3 error but far below bf16's."""
+    errs = {}
+    for flag in (False, True):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", flag)
+        errs[flag] = dw_case((2, 32, 32, 32), (31, 31), (15, 15, 15, 15), device="cuda")["out"]
+    assert errs[False] <= 2e-5 and errs[True] <= 5e-3, errs
 
 
 @pytest.mark.gpu
@@ -350,4 +569,7 @@ if __name__ == "__main__" and "--interp" in sys.argv:
             results[case] = run_case(case)
         except Exception as exc:  # reported per case so one failure does not hide the others
             results[case] = {"error": f"{type(exc).__name__}: {exc}"}
+    if not triton_dwconv.FIXED_TILES:  # autotuned wrappers: how many shape keys each one has tuned
+        results["_autotuned"] = {name: len(getattr(triton_dwconv, name).cache)
+                                 for name in ("_fwd_mma", "_fwd_nchw", "_fwd_nhwc", "_gw_nchw", "_gw_nhwc")}
     print(json.dumps(results))

@@ -18,7 +18,8 @@ Forms (all compute the same function in ``eval()``):
 * :meth:`ShiftWiseConv2d.merge_branches`: one branch (the official "deploy" form; exact in train mode too);
 * :meth:`ShiftWiseConv2d.reparameterize`: the fully folded deploy form: two biased depth-wise strip
   convolutions (horizontal k x L with the k x k S kernel and the identity embedded, vertical L x k) run
-  through :func:`lkvision.ops.dwconv2d`; no BN, no tables. A following BatchNorm can be folded in with
+  through :func:`lkvision.ops.shiftwise_deploy_conv` (one fused Triton launch on GPUs where it measures
+  faster, else two :func:`lkvision.ops.dwconv2d` calls); no BN, no tables. A following BatchNorm can be folded in with
   :meth:`ShiftWiseConv2d.fuse_output_bn` (the ghost channels then get a per-channel affine).
 """
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..ops import dwconv2d, fold_shiftwise_weight, make_shift_tables, shiftwise_conv, strip_paddings
+from ..ops import fold_shiftwise_weight, make_shift_tables, shiftwise_conv, shiftwise_deploy_conv, strip_paddings
 from .conv_bn import make_bn
 
 __all__ = ["ShiftWiseConv2d", "ghost_split", "bn_affine"]
@@ -96,8 +97,9 @@ class ShiftWiseConv2d(nn.Module):
         sync_bn: SyncBatchNorm instead of BatchNorm2d (same keys).
         table_seed / ghost_seed: seeds of the official shuffle tables / ghost split (both 123).
         impl: implementation of the fused conv + shift-add op (``lkvision.ops.shiftwise_conv``:
-            "auto", "fast" or "reference").
-        dwconv_impl: implementation of the deploy-form depth-wise strip convs (``lkvision.ops.dwconv2d``).
+            "auto", "fast", "triton" or "reference").
+        dwconv_impl: implementation of the deploy-form strips (``lkvision.ops.shiftwise_deploy_conv``: "auto",
+            "triton" (one fused launch) or a ``dwconv2d`` impl).
         restore_channel_order: put the ghost channels back at their input positions (off: the official
             rep-then-ghost order, which the released weights need).
 
@@ -213,12 +215,10 @@ class ShiftWiseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         if self.deployed and self.all_channels:
-            y = dwconv2d(x, self.weight_h, self.bias_h, padding=self.padding_h, impl=self.dwconv_impl)
-            return y + dwconv2d(x, self.weight_v, self.bias_v, padding=self.padding_v, impl=self.dwconv_impl)
+            return self._deploy_strips(x)
         x_rep, x_ghost = self._split(x)
         if self.deployed:
-            y = dwconv2d(x_rep, self.weight_h, self.bias_h, padding=self.padding_h, impl=self.dwconv_impl)
-            y = y + dwconv2d(x_rep, self.weight_v, self.bias_v, padding=self.padding_v, impl=self.dwconv_impl)
+            y = self._deploy_strips(x_rep)
             if self.ghost_channels and self.ghost_scale is not None:
                 x_ghost = x_ghost * self.ghost_scale.view(1, -1, 1, 1) + self.ghost_bias.view(1, -1, 1, 1)
             return self._join(y, x_ghost)
@@ -228,6 +228,11 @@ class ShiftWiseConv2d(nn.Module):
         )
         y = self.bn_h(h) + self.bn_v(v) + self.bn_s(s) + x_rep
         return self._join(y, x_ghost)
+
+    def _deploy_strips(self, x: torch.Tensor) -> torch.Tensor:
+        """Both deploy strips (+ biases) on x (B, R or C, H, W): one fused launch where the Triton kernel wins."""
+        return shiftwise_deploy_conv(x, self.weight_h, self.bias_h, self.weight_v, self.bias_v, self.padding_h,
+                                     self.padding_v, impl=self.dwconv_impl)
 
     # -------------------------------------------------------------------------------- re-parameterisation
     @torch.no_grad()

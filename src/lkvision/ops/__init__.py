@@ -8,11 +8,12 @@ from .shift_add import (
     shift_add,
     shift_offsets,
     shiftwise_conv,
+    shiftwise_deploy_conv,
     shiftwise_strips,
     strip_paddings,
 )
 
 __all__ = [
     "dwconv2d", "shift_offsets", "num_blocks", "make_shift_tables", "shift_add", "fold_shiftwise_weight",
-    "strip_paddings", "shiftwise_conv", "shiftwise_strips",
+    "strip_paddings", "shiftwise_conv", "shiftwise_deploy_conv", "shiftwise_strips",
 ]

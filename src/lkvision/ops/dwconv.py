@@ -10,7 +10,10 @@ Paths (``impl``):
   * ``"custom"``: ``F.conv2d`` forward with our own backward (see :func:`dwconv2d_grad_input` and
     :func:`dwconv2d_grad_weight`); PyTorch's CPU backward of large strip depth-wise convs is slow.
   * ``"triton"``: ``lkvision.ops.kernels.triton_dwconv.dwconv2d`` when that optional module says it can run.
-  * ``"auto"``: the measured choice per device (see docs/ops.md).
+  * ``"auto"``: CPU -> ``"custom"`` (measured once, see docs/ops.md); CUDA -> the fastest of ``"triton"`` (when
+    available), ``"channels_last"`` and ``"torch"``, timed per problem (device, dtype, layout, shape, padding,
+    training or not) on first use and cached by :mod:`lkvision.ops.autoselect` ("Measured dispatch on CUDA" in
+    docs/ops.md).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import autoselect
 
 __all__ = ["dwconv2d", "normalize_padding", "dwconv2d_grad_input", "dwconv2d_grad_weight", "DWCONV_IMPLS"]
 
@@ -165,10 +170,60 @@ def _triton_available(x: Tensor) -> bool:
         return False
 
 
-def _auto_impl(x: Tensor) -> str:
-    """The measured choice (docs/ops.md): CPU -> "custom"; CUDA -> Triton when present, else channels_last."""
+# ----------------------------------------------------------------------------------------------- impl="auto"
+_CUDA_AUTO_DEFAULT = "channels_last"  # cuDNN NHWC: the choice when nothing may be measured and nothing is cached
+
+
+_DEVICE_NAMES: dict[torch.device, str] = {}
+
+
+def _device_name(device: torch.device) -> str:
+    """The GPU's name (so that a table from another GPU never matches); a plain dict, traceable by dynamo, and
+    get_device_properties (which dynamo constant-folds) on a miss."""
+    name = _DEVICE_NAMES.get(device)
+    if name is None:
+        name = torch.cuda.get_device_properties(device).name if device.type == "cuda" else device.type
+        _DEVICE_NAMES[device] = name
+    return name
+
+
+def _memory_layout(x: Tensor) -> str:
+    if x.is_contiguous():
+        return "contiguous"
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "strided"
+
+
+def _cuda_auto_key(x: Tensor, weight: Tensor, pad4: tuple[int, int, int, int], train: bool) -> tuple:
+    """The autoselect key of a dwconv2d problem: everything that changes which path is fastest."""
+    b, c, h, w = x.shape
+    kh, kw = weight.shape[-2:]
+    dev_type = x.device.type
+    autocast = str(torch.get_autocast_dtype(dev_type)) if torch.is_autocast_enabled(dev_type) else None
+    return (str(x.device), _device_name(x.device), str(x.dtype), _memory_layout(x), b, c, h, w, kh, kw,
+            tuple(pad4), train, autocast)
+
+
+def _cuda_auto_impl(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int]) -> str:
+    """impl="auto" on CUDA: the fastest of Triton (when available), channels_last (cuDNN NHWC) and torch (NCHW),
+    timed once per problem by :func:`lkvision.ops.autoselect.choose` (forward + backward when a gradient will be
+    needed), then cached. Falls back to "channels_last" where nothing may be measured (see docs/ops.md)."""
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    key = _cuda_auto_key(x, weight, pad4, train)
+    names = (["triton"] if _triton_available(x) else []) + ["channels_last", "torch"]
+    # _forward_impl is what dwconv2d runs for these three paths (the Triton one has its own autograd)
+    candidates = {name: autoselect.candidate(lambda x_, w_, b_, name=name: _forward_impl(x_, w_, b_, pad4, name),
+                                             (x, weight, bias), train)
+                  for name in names}
+    return autoselect.choose("dwconv2d", key, candidates, _CUDA_AUTO_DEFAULT, tensors=(x, weight, bias))
+
+
+def _auto_impl(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int]) -> str:
+    """The choice for impl="auto" (docs/ops.md): CPU -> "custom" (measured once, see docs); CUDA -> measured per
+    problem by :func:`_cuda_auto_impl`."""
     if x.device.type == "cuda":
-        return "triton" if _triton_available(x) else "channels_last"
+        return _cuda_auto_impl(x, weight, bias, pad4)
     return "custom"
 
 
@@ -264,8 +319,8 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: Pad
     if x.shape[2] + pad4[2] + pad4[3] < weight.shape[2] or x.shape[3] + pad4[0] + pad4[1] < weight.shape[3]:
         raise ValueError(f"dwconv2d: padded input {tuple(x.shape[2:])} + {pad4} is smaller than the kernel "
                          f"{tuple(weight.shape[2:])}")
-    if impl == "auto":
-        impl = _auto_impl(x)
+    if impl == "auto":  # resolved here, before the op call: the op's fake impl derives the layout from impl
+        impl = _auto_impl(x, weight, bias, pad4)
     if impl == "triton" and not _triton_available(x):
         raise RuntimeError("dwconv2d: impl='triton' requested but lkvision.ops.kernels is not available here")
     if impl in ("torch", "channels_last", "triton"):

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dwconv import dwconv2d
+from . import autoselect
+from .dwconv import DWCONV_IMPLS, dwconv2d, normalize_padding
 
 __all__ = [
     "shift_offsets", "num_blocks", "make_shift_tables", "shift_add", "fold_shiftwise_weight", "strip_paddings",
@@ -337,20 +338,40 @@ def fold_shiftwise_weight(weight: Tensor, pad_hv: Tensor, idx_identit: Tensor, b
 
 
 # ----------------------------------------------------------------------------------------------- conv + shift
-def _kernels_module(x: Tensor):
-    """The optional Triton module when it can run on ``x`` (lazy import), else None."""
-    if x.device.type != "cuda":
+SHIFTWISE_CONV_IMPLS = SHIFT_ADD_IMPLS + ("triton",)
+
+
+def _kernels_module(x: Tensor, *, cuda_only: bool = True):
+    """The optional Triton module when it can run on ``x`` (lazy import), else None. ``cuda_only=False`` also
+    accepts CPU tensors under ``TRITON_INTERPRET=1`` (explicit ``impl="triton"``, used by the tests)."""
+    if cuda_only and x.device.type != "cuda":
         return None
     try:
         from lkvision.ops import kernels
-        from lkvision.ops.kernels import triton_shiftwise
+        from lkvision.ops.kernels import triton_dwconv, triton_shiftwise
     except ImportError:
         return None
     try:
-        ok = bool(kernels.is_available(x)) and hasattr(triton_shiftwise, "shiftwise_strips")
+        ok = bool(kernels.is_available(x)) and triton_dwconv.HAS_TRITON
     except Exception:  # pragma: no cover - an optional backend must never break the op
         ok = False
-    return triton_shiftwise if ok else None
+    return (triton_dwconv, triton_shiftwise) if ok else None
+
+
+def _require_kernels(x: Tensor, what: str):
+    mods = _kernels_module(x, cuda_only=False)
+    if mods is None:
+        raise RuntimeError(f"{what}: impl='triton' requested but the Triton kernels cannot run on a "
+                           f"{x.device.type} {x.dtype} tensor here (needs triton and CUDA, or TRITON_INTERPRET=1)")
+    return mods
+
+
+def _sw_key(x: Tensor, kernels: tuple[Tensor, ...], extra: tuple) -> tuple:
+    """autoselect key: device, dtype, layout, shape, kernel shapes, training or not."""
+    train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *kernels))
+    layout = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else "contiguous" if x.is_contiguous() else "strided"
+    return (str(x.device), x.dtype, layout, tuple(x.shape), *(tuple(t.shape) for t in kernels), *extra, train)
 
 
 def shiftwise_strips(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, big_kernel: int, small_kernel: int = 3,
@@ -370,12 +391,16 @@ def shiftwise_conv(x: Tensor, weight: Tensor, pad_hv: Tensor, idx_identit: Tenso
     Args:
         x: rep channels (B, R, H, W).
         weight: (R*nk, 1, k, k), the sum of the Rep branches.
-        impl: "reference" (conv2d + literal shift_add), "fast" (fold + strip depth-wise convs), "auto".
+        impl: "reference" (conv2d + literal shift_add), "fast" (fold + three strip depth-wise convs),
+            "triton" (fold + ONE fused Triton launch for the three strips, :mod:`lkvision.ops.kernels`), or
+            "auto": on CUDA with the kernels available, the faster of "triton" and "fast" measured per problem
+            (:mod:`lkvision.ops.autoselect`, default "fast" where nothing may be measured); else "fast".
 
     Returns:
         (H_out, V_out, S_out), each (B, R, H, W).
     """
-    _check_impl(impl)
+    if impl not in SHIFTWISE_CONV_IMPLS:
+        raise ValueError(f"shiftwise_conv: impl must be one of {SHIFTWISE_CONV_IMPLS}, got {impl!r}")
     _check_x(x, "shiftwise_conv")
     k = small_kernel
     nk = num_blocks(big_kernel, k)
@@ -390,8 +415,71 @@ def shiftwise_conv(x: Tensor, weight: Tensor, pad_hv: Tensor, idx_identit: Tenso
         conv = F.conv2d(x, weight, padding=k - 1, groups=r)
         return _shift_add_reference(conv, pad_hv, idx_identit, big_kernel, k)
     kh, kv, ks = fold_shiftwise_weight(weight, pad_hv, idx_identit, big_kernel, k)
+    mods = _require_kernels(x, "shiftwise_conv") if impl == "triton" else \
+        _kernels_module(x) if impl == "auto" else None
+    if mods is None:
+        return shiftwise_strips(x, kh, kv, ks, big_kernel, k)
+
+    def fused(x_, kh_, kv_, ks_):
+        return mods[1].shiftwise_strips(x_, kh_, kv_, ks_, None, big_kernel, k, separate=True)
+
+    def strips(x_, kh_, kv_, ks_):
+        return shiftwise_strips(x_, kh_, kv_, ks_, big_kernel, k)
+
     if impl == "auto":
-        triton_mod = _kernels_module(x)
-        if triton_mod is not None:
-            return triton_mod.shiftwise_strips(x, kh, kv, ks, None, big_kernel, k, separate=True)
-    return shiftwise_strips(x, kh, kv, ks, big_kernel, k)
+        tensors = (x, kh, kv, ks)
+        key = _sw_key(x, (kh, kv, ks), (big_kernel, k))
+        train = key[-1]
+        choice = autoselect.choose("shiftwise_conv", key,
+                                   {"triton": autoselect.candidate(fused, tensors, train),
+                                    "fast": autoselect.candidate(strips, tensors, train)},
+                                   "fast", tensors=tensors)
+        if choice != "triton":
+            return strips(x, kh, kv, ks)
+    return fused(x, kh, kv, ks)
+
+
+def shiftwise_deploy_conv(x: Tensor, weight_h: Tensor, bias_h: Tensor | None, weight_v: Tensor,
+                          bias_v: Tensor | None, padding_h, padding_v, *, impl: str = "auto") -> Tensor:
+    """The deploy form of a Shiftwise layer: ``dwconv(x, weight_h, bias_h, padding_h) + dwconv(x, weight_v,
+    bias_v, padding_v)`` (the small kernel and the identity live inside the horizontal strip).
+
+    x (B, C, H, W); weight_h (C, 1, k, Lh), weight_v (C, 1, Lv, k); F.pad-style paddings that give an
+    (H, W) output. ``impl``: "triton" = ONE fused Triton launch for both strips and the bias (x read once,
+    y written once; :func:`lkvision.ops.kernels.triton_dwconv.dwconv2d_sum`); any :func:`dwconv2d` impl
+    ("torch", "channels_last", "custom") = two depth-wise convs and an add; "auto" = on CUDA with the kernels
+    available, the faster of "triton" and two ``dwconv2d(impl="auto")`` calls, measured per problem by
+    :mod:`lkvision.ops.autoselect` (default: the two convs where nothing may be measured); elsewhere the two
+    convs with ``dwconv2d``'s own choice.
+    """
+    if impl not in DWCONV_IMPLS:
+        raise ValueError(f"shiftwise_deploy_conv: impl must be one of {DWCONV_IMPLS}, got {impl!r}")
+    mods = _require_kernels(x, "shiftwise_deploy_conv") if impl == "triton" else \
+        _kernels_module(x) if impl == "auto" else None
+
+    def two_convs(x_, wh_, wv_, bh_, bv_):
+        conv_impl = "auto" if impl == "triton" else impl
+        y = dwconv2d(x_, wh_, bh_, padding=padding_h, impl=conv_impl)
+        return y + dwconv2d(x_, wv_, bv_, padding=padding_v, impl=conv_impl)
+
+    if mods is None:
+        return two_convs(x, weight_h, weight_v, bias_h, bias_v)
+    pads = [normalize_padding(padding_h, tuple(weight_h.shape[-2:])),
+            normalize_padding(padding_v, tuple(weight_v.shape[-2:]))]
+
+    def fused(x_, wh_, wv_, bh_, bv_):
+        bias = bh_ if bv_ is None else bv_ if bh_ is None else bh_ + bv_
+        return mods[0].dwconv2d_sum(x_, [wh_, wv_], bias, pads)
+
+    if impl == "auto":
+        tensors = tuple(t for t in (x, weight_h, weight_v, bias_h, bias_v) if t is not None)
+        key = _sw_key(x, (weight_h, weight_v), (tuple(pads[0]), tuple(pads[1]), bias_h is not None))
+        train = key[-1]
+        args = (x, weight_h, weight_v, bias_h, bias_v)
+        choice = autoselect.choose("shiftwise_deploy_conv", key,
+                                   {"triton": autoselect.candidate(fused, args, train),
+                                    "two_convs": autoselect.candidate(two_convs, args, train)},
+                                   "two_convs", tensors=tensors)
+        if choice != "triton":
+            return two_convs(x, weight_h, weight_v, bias_h, bias_v)
+    return fused(x, weight_h, weight_v, bias_h, bias_v)

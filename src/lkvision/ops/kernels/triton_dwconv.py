@@ -21,6 +21,7 @@ the custom ops fall back to PyTorch, so everything imports and computes the same
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from ._common import check_depthwise_args, device_supported, interpret_mode, is_channels_last, num_sms
 
-__all__ = ["dwconv2d", "dwconv2d_reference", "dwconv_forward_terms", "dwconv_grad_weight", "HAS_TRITON"]
+__all__ = ["dwconv2d", "dwconv2d_sum", "dwconv2d_reference", "dwconv_forward_terms", "dwconv_grad_weight", "HAS_TRITON"]
 
 try:  # triton is optional: the module must import without it
     import triton
@@ -43,6 +44,10 @@ except Exception:  # pragma: no cover - depends on the install
     tl = None
     HAS_TRITON = False
 
+
+# Under the interpreter the kernels run one fixed small tile, unless LKVISION_TRITON_AUTOTUNE_IN_INTERPRETER=1
+# asks for the autotuned wrappers (two configs each, timed on the host): a CPU test of the autotune plumbing.
+FIXED_TILES = interpret_mode() and os.environ.get("LKVISION_TRITON_AUTOTUNE_IN_INTERPRETER", "0") != "1"
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
@@ -171,17 +176,67 @@ if HAS_TRITON:
         tl.store(part_ptr + p_off, res, mask=(c2 < C) & (j2 < KW))
 
     @triton.jit
-    def _dw_fwd_toeplitz_kernel(
-        x_ptr, w_ptr, bias_ptr, out_ptr,
+    def _mma_term(acc, x_ptr, w_ptr, x_off, c, h0, w0, H_in, W_in, sxh, sxw, KH, KW, PT, PL,
+                  MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr):
+        """acc[y, x] += sum_{i, j} w[c, i, j] * x[h0 + y + i - PT, w0 + x + j - PL] on one (b, c) plane tile.
+
+        MODE 1 (wide kernels, "row Toeplitz"): per kernel row i, ``X_i (BH x BU) @ T_i (BU x BW)`` with
+        ``T_i[u, x] = w[i, u - x]`` (0 <= u - x < KW) and ``X_i[y, u] = x[h0 + y + i - PT, w0 - PL + u]``.
+        MODE 2 (tall kernels, "column Toeplitz"): per kernel column j, ``T_j (BH x BV) @ X_j (BV x BW)`` with
+        ``T_j[y, v] = w[v - y, j]`` (0 <= v - y < KH) and ``X_j[v, x] = x[h0 - PT + v, w0 + x + j - PL]``.
+        MODE 0 (small kernels): direct fp32 multiply-adds, one tap at a time."""
+        oh = h0 + tl.arange(0, BLOCK_H)[:, None]  # [BH, 1]
+        ow = w0 + tl.arange(0, BLOCK_W)[None, :]  # [1, BW]
+        x_base = x_ptr + x_off
+        w_base = w_ptr + c * (KH * KW)
+        if MODE == 1:
+            u = tl.arange(0, BLOCK_U)
+            iw = (w0 - PL + u)[None, :]  # [1, BU]
+            w_ok = (iw >= 0) & (iw < W_in)
+            d = u[:, None] - tl.arange(0, BLOCK_W)[None, :]  # [BU, BW]: tap u - x
+            d_ok = (d >= 0) & (d < KW)
+            for i in range(KH):
+                ih = oh + (i - PT)
+                a = tl.load(x_base + ih * sxh + iw * sxw, mask=(ih >= 0) & (ih < H_in) & w_ok, other=0.0)
+                t = tl.load(w_base + i * KW + d, mask=d_ok, other=0.0).to(a.dtype)
+                acc = tl.dot(a, t, acc, input_precision=DOT_PRECISION)
+        elif MODE == 2:
+            v = tl.arange(0, BLOCK_V)
+            ih = (h0 - PT + v)[:, None]  # [BV, 1]
+            h_ok = (ih >= 0) & (ih < H_in)
+            d = v[None, :] - tl.arange(0, BLOCK_H)[:, None]  # [BH, BV]: tap v - y
+            d_ok = (d >= 0) & (d < KH)
+            for j in range(KW):
+                iw = ow + (j - PL)
+                b = tl.load(x_base + ih * sxh + iw * sxw, mask=h_ok & (iw >= 0) & (iw < W_in), other=0.0)
+                t = tl.load(w_base + d * KW + j, mask=d_ok, other=0.0).to(b.dtype)
+                acc = tl.dot(t, b, acc, input_precision=DOT_PRECISION)
+        else:
+            for i in range(KH):
+                ih = oh + (i - PT)
+                mh = (ih >= 0) & (ih < H_in)
+                for j in range(KW):
+                    iw = ow + (j - PL)
+                    xv = tl.load(x_base + ih * sxh + iw * sxw, mask=mh & (iw >= 0) & (iw < W_in), other=0.0)
+                    acc += xv.to(tl.float32) * tl.load(w_base + i * KW + j)
+        return acc
+
+    @triton.jit
+    def _dw_fwd_mma_kernel(
+        x0_ptr, x1_ptr, x2_ptr, id_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, out0_ptr, out1_ptr, out2_ptr,
         C, H_in, W_in, H_out, W_out,
         sxb, sxc, sxh, sxw, sob, soc, soh, sow,
-        KH, KW, PT, PL,
-        HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_U: tl.constexpr,
+        KH0, KW0, PT0, PL0, KH1, KW1, PT1, PL1, KH2, KW2, PT2, PL2,
+        MODE0: tl.constexpr, MODE1: tl.constexpr, MODE2: tl.constexpr,
+        NUM_TERMS: tl.constexpr, SEPARATE: tl.constexpr, ADD_IDENTITY: tl.constexpr, HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
-        """One (b, c) plane tile; each kernel row i is a matrix product on the tensor cores:
-        out[y, x] += sum_u xrow[y + i - PT, x0 - PL + u] * T_i[u, x],  T_i[u, x] = w[c, i, u - x] (0 <= u-x < KW).
-        BLOCK_U >= BLOCK_W + KW - 1 (the row window of the tile)."""
+        """The tensor-core variant of ``_dw_fwd_kernel`` for NCHW planes: same arguments and semantics, one
+        ``BLOCK_H x BLOCK_W`` tile of one (b, c) plane per program, each term computed in its own MODE
+        (see ``_mma_term``): a SW layer's horizontal strip as row-Toeplitz products, its vertical strip as
+        column-Toeplitz products and its small kernel directly, all into the same accumulator."""
         pid_bc = tl.program_id(0)
         pid_hw = tl.program_id(1)
         b = (pid_bc // C).to(tl.int64)
@@ -189,25 +244,44 @@ if HAS_TRITON:
         n_wb = tl.cdiv(W_out, BLOCK_W)
         h0 = (pid_hw // n_wb) * BLOCK_H
         w0 = (pid_hw % n_wb) * BLOCK_W
-        oh = h0 + tl.arange(0, BLOCK_H)[:, None]  # [BH, 1]
-        u = tl.arange(0, BLOCK_U)
-        iw = (w0 - PL + u)[None, :]  # [1, BU]
-        w_ok = (iw >= 0) & (iw < W_in)
-        d = u[:, None] - tl.arange(0, BLOCK_W)[None, :]  # [BU, BW]: tap index u - x
-        d_ok = (d >= 0) & (d < KW)
-        x_base = x_ptr + b * sxb + c * sxc
-        w_base = w_ptr + c * (KH * KW)
-        acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
-        for i in range(KH):
-            ih = oh + (i - PT)
-            a = tl.load(x_base + ih * sxh + iw * sxw, mask=(ih >= 0) & (ih < H_in) & w_ok, other=0.0)
-            t = tl.load(w_base + i * KW + d, mask=d_ok, other=0.0).to(a.dtype)
-            acc = tl.dot(a, t, acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + c)
+        x_off = b * sxb + c * sxc
+
+        acc0 = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
+        acc0 = _mma_term(acc0, x0_ptr, w0_ptr, x_off, c, h0, w0, H_in, W_in, sxh, sxw, KH0, KW0, PT0, PL0,
+                         MODE0, DOT_PRECISION, BLOCK_H, BLOCK_W, BLOCK_U, BLOCK_V)
+        if NUM_TERMS >= 2:
+            if SEPARATE:
+                acc1 = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
+                acc1 = _mma_term(acc1, x1_ptr, w1_ptr, x_off, c, h0, w0, H_in, W_in, sxh, sxw, KH1, KW1, PT1,
+                                 PL1, MODE1, DOT_PRECISION, BLOCK_H, BLOCK_W, BLOCK_U, BLOCK_V)
+            else:
+                acc0 = _mma_term(acc0, x1_ptr, w1_ptr, x_off, c, h0, w0, H_in, W_in, sxh, sxw, KH1, KW1, PT1,
+                                 PL1, MODE1, DOT_PRECISION, BLOCK_H, BLOCK_W, BLOCK_U, BLOCK_V)
+        if NUM_TERMS >= 3:
+            if SEPARATE:
+                acc2 = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
+                acc2 = _mma_term(acc2, x2_ptr, w2_ptr, x_off, c, h0, w0, H_in, W_in, sxh, sxw, KH2, KW2, PT2,
+                                 PL2, MODE2, DOT_PRECISION, BLOCK_H, BLOCK_W, BLOCK_U, BLOCK_V)
+            else:
+                acc0 = _mma_term(acc0, x2_ptr, w2_ptr, x_off, c, h0, w0, H_in, W_in, sxh, sxw, KH2, KW2, PT2,
+                                 PL2, MODE2, DOT_PRECISION, BLOCK_H, BLOCK_W, BLOCK_U, BLOCK_V)
+
+        oh = h0 + tl.arange(0, BLOCK_H)[:, None]
         ow = w0 + tl.arange(0, BLOCK_W)[None, :]
+        out_mask = (oh < H_out) & (ow < W_out)
+        if ADD_IDENTITY:
+            idv = tl.load(id_ptr + x_off + oh * sxh + ow * sxw, mask=out_mask, other=0.0)
+            acc0 += idv.to(tl.float32)
+        if HAS_BIAS:
+            acc0 += tl.load(bias_ptr + c)
         o_off = b * sob + c * soc + oh * soh + ow * sow
-        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=(oh < H_out) & (ow < W_out))
+        tl.store(out0_ptr + o_off, acc0.to(out0_ptr.dtype.element_ty), mask=out_mask)
+        if NUM_TERMS >= 2:
+            if SEPARATE:
+                tl.store(out1_ptr + o_off, acc1.to(out1_ptr.dtype.element_ty), mask=out_mask)
+        if NUM_TERMS >= 3:
+            if SEPARATE:
+                tl.store(out2_ptr + o_off, acc2.to(out2_ptr.dtype.element_ty), mask=out_mask)
 
     # Autotune configs. Not tuned on hardware yet (no GPU in the session that wrote them): a spread of
     # reasonable tiles; the autotuner picks per shape key on first use.
@@ -235,27 +309,50 @@ if HAS_TRITON:
     ]
     _FWD_KEY = ["C", "H_out", "W_out", "KH0", "KW0", "KH1", "KW1", "KH2", "KW2", "NUM_TERMS", "SEPARATE"]
     _GW_KEY = ["C", "H_out", "W_out", "KH", "KW", "ROWS_PER_SPLIT"]
-    _TP_CONFIGS = [
+    _MMA_CONFIGS = [
         triton.Config(dict(BLOCK_H=bh, BLOCK_W=bw), num_warps=nw, num_stages=ns)
         for bh, bw, nw, ns in [(16, 32, 4, 2), (32, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 8, 2),
                                (16, 64, 4, 2), (128, 32, 8, 2), (64, 16, 4, 2)]
     ]
-    _TP_KEY = ["C", "H_out", "W_out", "KH", "KW", "DOT_PRECISION"]
-    _tp_block_u = triton.heuristics(
-        {"BLOCK_U": lambda a: max(16, triton.next_power_of_2(a["BLOCK_W"] + a["KW"] - 1))})
+    _MMA_KEY = _FWD_KEY + ["MODE0", "MODE1", "MODE2", "DOT_PRECISION"]
 
-    if interpret_mode():  # the interpreter runs one fixed small config (autotuning would be pointless)
+    def _band(a: dict, mode: int, size: str, block: str) -> int:
+        """Window length of the Toeplitz products: next_pow2(tile + longest kernel side - 1), >= 16."""
+        ext = [a[f"{size}{t}"] for t in range(a["NUM_TERMS"]) if a[f"MODE{t}"] == mode]
+        return max(16, triton.next_power_of_2(a[block] + max(ext) - 1)) if ext else 16
+
+    _mma_bands = triton.heuristics({"BLOCK_U": lambda a: _band(a, 1, "KW", "BLOCK_W"),
+                                    "BLOCK_V": lambda a: _band(a, 2, "KH", "BLOCK_H")})
+
+    def _host_bench(fn, quantiles=None, **_):
+        """Wall-clock timing for the autotuner under the interpreter (tests of the autotune plumbing)."""
+        import time
+
+        start = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - start) * 1e3
+        return [ms] * len(quantiles) if quantiles else ms
+
+    def _autotuned(kernel, configs, key):
+        """The kernel wrapped in triton.autotune. Under the interpreter with AUTOTUNE_IN_INTERPRETER set, two
+        configs timed on the host (checks keys, heuristics and configs without a GPU)."""
+        if interpret_mode():
+            return triton.autotune(configs=configs[:2], key=key, do_bench=_host_bench)(kernel)
+        return triton.autotune(configs=configs, key=key)(kernel)
+
+    if FIXED_TILES:  # the interpreter runs one fixed small config (autotuning would be pointless)
         _fwd_nchw = _fwd_nhwc = _dw_fwd_kernel
         _gw_nchw = _gw_nhwc = _dw_grad_weight_kernel
-        _fwd_toeplitz = _tp_block_u(_dw_fwd_toeplitz_kernel)
+        _fwd_mma = _mma_bands(_dw_fwd_mma_kernel)
     else:
-        _fwd_toeplitz = triton.autotune(configs=_TP_CONFIGS, key=_TP_KEY)(_tp_block_u(_dw_fwd_toeplitz_kernel))
-        _fwd_nchw = triton.autotune(configs=_FWD_NCHW_CONFIGS, key=_FWD_KEY)(_dw_fwd_kernel)
-        _fwd_nhwc = triton.autotune(configs=_FWD_NHWC_CONFIGS, key=_FWD_KEY)(_dw_fwd_kernel)
-        _gw_nchw = triton.autotune(configs=_GW_NCHW_CONFIGS, key=_GW_KEY)(_dw_grad_weight_kernel)
-        _gw_nhwc = triton.autotune(configs=_GW_NHWC_CONFIGS, key=_GW_KEY)(_dw_grad_weight_kernel)
+        _fwd_mma = _autotuned(_mma_bands(_dw_fwd_mma_kernel), _MMA_CONFIGS, _MMA_KEY)
+        _fwd_nchw = _autotuned(_dw_fwd_kernel, _FWD_NCHW_CONFIGS, _FWD_KEY)
+        _fwd_nhwc = _autotuned(_dw_fwd_kernel, _FWD_NHWC_CONFIGS, _FWD_KEY)
+        _gw_nchw = _autotuned(_dw_grad_weight_kernel, _GW_NCHW_CONFIGS, _GW_KEY)
+        _gw_nhwc = _autotuned(_dw_grad_weight_kernel, _GW_NHWC_CONFIGS, _GW_KEY)
 
 # Fixed tiles for the CPU interpreter (small, to exercise masking and several programs on tiny shapes).
+_INTERP_MMA = dict(BLOCK_H=16, BLOCK_W=16)
 _INTERP_FWD = {False: dict(BLOCK_C=1, BLOCK_H=8, BLOCK_W=16), True: dict(BLOCK_C=4, BLOCK_H=8, BLOCK_W=8)}
 _INTERP_GW = {False: dict(BLOCK_C=1, BLOCK_J=8, BLOCK_W=16), True: dict(BLOCK_C=4, BLOCK_J=8, BLOCK_W=8)}
 
@@ -263,12 +360,35 @@ _INTERP_GW = {False: dict(BLOCK_C=1, BLOCK_J=8, BLOCK_W=16), True: dict(BLOCK_C=
 # ----------------------------------------------------------------------------------------------------------
 # Launchers (raw, no autograd). Shared with triton_shiftwise.
 # ----------------------------------------------------------------------------------------------------------
-TOEPLITZ_MIN_KW = 7  # NCHW single-term convs with KW >= this use the tensor-core (tl.dot) kernel
+# Kernel launches by path ("mma", "direct_nchw", "direct_nhwc", "grad_weight"): lets tests check which kernel
+# a case exercised, and users see what ran (``triton_dwconv.LAUNCHES``).
+LAUNCHES: collections.Counter = collections.Counter()
+
+TOEPLITZ_MIN_SIDE = 7  # a term whose kernel is at least this wide (or tall) runs as Toeplitz products
 
 
-def _use_toeplitz(kw: int) -> bool:
-    """Tensor-core row-Toeplitz kernel for wide kernels; ``LKVISION_DW_TOEPLITZ=0`` disables it."""
-    return kw >= TOEPLITZ_MIN_KW and os.environ.get("LKVISION_DW_TOEPLITZ", "1") != "0"
+def term_mode(kh: int, kw: int) -> int:
+    """How the NCHW tensor-core kernel computes a (kh x kw) term: 1 row-Toeplitz (wide, incl. square large
+    kernels), 2 column-Toeplitz (tall strips such as 51 x 3), 0 direct multiply-adds (small kernels)."""
+    if kw >= TOEPLITZ_MIN_SIDE:
+        return 1
+    if kh >= TOEPLITZ_MIN_SIDE:
+        return 2
+    return 0
+
+
+def _mma_enabled() -> bool:
+    """``LKVISION_DW_TOEPLITZ=0`` switches the tensor-core kernel off (everything runs the direct kernel)."""
+    return os.environ.get("LKVISION_DW_TOEPLITZ", "1") != "0"
+
+
+def dot_precision(x: Tensor) -> str:
+    """``tl.dot`` input precision of the tensor-core kernel for fp32 inputs, following PyTorch's convention for
+    convolutions: TF32 (one pass, ~1e-3 relative error, like cuDNN) when ``torch.backends.cudnn.allow_tf32``
+    (PyTorch's default), else ``tf32x3`` (three TF32 passes, ~fp32 accuracy). fp16/bf16 use the native MMA."""
+    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "tf32x3" if x.dtype == torch.float32 else "tf32"
 
 
 def _flat_weight(w: Tensor) -> Tensor:
@@ -333,36 +453,24 @@ def dwconv_forward_terms(
     consts = dict(NUM_TERMS=n, SEPARATE=bool(separate), ADD_IDENTITY=identity is not None,
                   HAS_BIAS=bias is not None)
 
+    modes = [term_mode(int(w.shape[-2]), int(w.shape[-1])) for w in weights] + [0] * (3 - n)
     # (the interpreter computes bf16 tl.dot wrongly in triton 3.7: bf16 runs the direct kernel there)
     interp_bf16 = interpret_mode() and x0.dtype == torch.bfloat16
-    if (n == 1 and not channels_last and identity is None and not interp_bf16
-            and _use_toeplitz(int(weights[0].shape[-1]))):
-        kh_, kw_, top_, left_ = geo[:4]
-        tp_args = (x0, ws[0], bias_t, outs[0], c, h_in, w_in, h_out, w_out, *x0.stride(), *outs[0].stride(),
-                   kh_, kw_, top_, left_)
-        precision = "tf32x3" if x0.dtype == torch.float32 else "tf32"
-
-        def tp_grid(meta):
-            return (bsz * c, triton.cdiv(h_out, meta["BLOCK_H"]) * triton.cdiv(w_out, meta["BLOCK_W"]))
-
-        with torch.cuda.device(x0.device) if x0.is_cuda else contextlib.nullcontext():
-            if interpret_mode():
-                _fwd_toeplitz[tp_grid](*tp_args, HAS_BIAS=bias is not None, DOT_PRECISION=precision,
-                                       BLOCK_H=16, BLOCK_W=16)
-            else:
-                _fwd_toeplitz[tp_grid](*tp_args, HAS_BIAS=bias is not None, DOT_PRECISION=precision)
-        return outs
+    use_mma = not channels_last and not interp_bf16 and any(modes) and _mma_enabled()
 
     def grid(meta):
-        return (bsz * triton.cdiv(c, meta["BLOCK_C"]),
+        return (bsz * (c if use_mma else triton.cdiv(c, meta["BLOCK_C"])),
                 triton.cdiv(h_out, meta["BLOCK_H"]) * triton.cdiv(w_out, meta["BLOCK_W"]))
 
     with torch.cuda.device(x0.device) if x0.is_cuda else contextlib.nullcontext():
-        if interpret_mode():
+        LAUNCHES["mma" if use_mma else "direct_nhwc" if channels_last else "direct_nchw"] += 1
+        if use_mma:
+            consts.update(MODE0=modes[0], MODE1=modes[1], MODE2=modes[2], DOT_PRECISION=dot_precision(x0))
+            _fwd_mma[grid](*args, **consts, **(_INTERP_MMA if FIXED_TILES else {}))
+        elif FIXED_TILES:
             _dw_fwd_kernel[grid](*args, **consts, **_INTERP_FWD[channels_last])
         else:
-            kern = _fwd_nhwc if channels_last else _fwd_nchw
-            kern[grid](*args, **consts)
+            (_fwd_nhwc if channels_last else _fwd_nchw)[grid](*args, **consts)
     return outs
 
 
@@ -400,7 +508,8 @@ def dwconv_grad_weight(grad_out: Tensor, x: Tensor, kernel_hw: tuple[int, int],
         return (triton.cdiv(c, meta["BLOCK_C"]), kh * triton.cdiv(kw, meta["BLOCK_J"]), split)
 
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        if interpret_mode():
+        LAUNCHES["grad_weight"] += 1
+        if FIXED_TILES:
             _dw_grad_weight_kernel[grid](*args, **_INTERP_GW[channels_last])
         else:
             (_gw_nhwc if channels_last else _gw_nchw)[grid](*args)
@@ -449,23 +558,33 @@ def _(x, weight, bias, padding):
                        memory_format=fmt)
 
 
+def _grad_input_terms(grad_out: Tensor, weights: Sequence[Tensor], paddings: Sequence[Sequence[int]],
+                      input_hw: Sequence[int], channels_last: bool) -> Tensor:
+    """dx of ``sum_t pad_t+conv(x, w_t)``: the sum of full correlations of ``grad_out`` with the flipped
+    kernels, cropped to the input (one fused launch on the kernels' device)."""
+    h_in, w_in = (int(v) for v in input_hw)
+    flipped = [w.flip((-2, -1)) for w in weights]
+    offsets = [(w.shape[-2] - 1 - pad[2], w.shape[-1] - 1 - pad[0]) for w, pad in zip(weights, paddings)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if not _use_kernels(grad_out):
+        gx = None
+        for wf, (top, left) in zip(flipped, offsets):
+            pad_t = (left, w_in - 1 - grad_out.shape[3] + wf.shape[-1] - left,
+                     top, h_in - 1 - grad_out.shape[2] + wf.shape[-2] - top)
+            t = dwconv2d_reference(grad_out, wf, None, pad_t)
+            gx = t if gx is None else gx + t
+        return gx.contiguous(memory_format=fmt)
+    gx = dwconv_forward_terms([grad_out] * len(flipped), flipped, offsets, (h_in, w_in),
+                              channels_last=channels_last)[0]
+    return gx.contiguous(memory_format=fmt)
+
+
 @torch.library.custom_op("lkvision::triton_dwconv2d_grad_input", mutates_args=(),
                          schema="(Tensor grad_out, Tensor weight, int[] padding, int[] input_hw, "
                                 "bool channels_last) -> Tensor")
 def _dwconv2d_grad_input_op(grad_out: Tensor, weight: Tensor, padding: Sequence[int], input_hw: Sequence[int],
                             channels_last: bool) -> Tensor:
-    kh, kw = weight.shape[-2:]
-    left, _, top, _ = padding
-    h_in, w_in = input_hw
-    if not _use_kernels(grad_out):
-        # adjoint of pad+conv: a 'full' correlation with the flipped kernel, cropped to the input
-        pad_t = (kw - 1 - left, w_in - grad_out.shape[3] + left, kh - 1 - top, h_in - grad_out.shape[2] + top)
-        gx = dwconv2d_reference(grad_out, weight.flip((-2, -1)), None, pad_t)
-    else:
-        gx = dwconv_forward_terms([grad_out], [weight.flip((-2, -1))], [(kh - 1 - top, kw - 1 - left)],
-                                  (h_in, w_in), channels_last=channels_last)[0]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return gx.contiguous(memory_format=fmt)
+    return _grad_input_terms(grad_out, [weight], [padding], input_hw, channels_last)
 
 
 @_dwconv2d_grad_input_op.register_fake
@@ -522,6 +641,76 @@ _dwconv2d_op.register_autograd(_dwconv2d_backward, setup_context=_dwconv2d_setup
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Sum of depth-wise convs of one input (the deploy form of a Shiftwise layer: two strips + bias, one launch)
+# ----------------------------------------------------------------------------------------------------------
+def _split_paddings(paddings: Sequence[int]) -> list[list[int]]:
+    return [list(paddings[4 * t:4 * t + 4]) for t in range(len(paddings) // 4)]
+
+
+@torch.library.custom_op("lkvision::triton_dwconv2d_sum", mutates_args=(),
+                         schema="(Tensor x, Tensor[] weights, Tensor? bias, int[] paddings) -> Tensor")
+def _dwconv2d_sum_op(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None, paddings: Sequence[int]) -> Tensor:
+    pads = _split_paddings(paddings)
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    if not _use_kernels(x):
+        out = sum(dwconv2d_reference(x, w, None, pad) for w, pad in zip(weights, pads))
+        if bias is not None:
+            out = out + bias.to(out.dtype).view(1, -1, 1, 1)
+        return out.contiguous(memory_format=fmt)
+    return dwconv_forward_terms([x] * len(weights), weights, [(pad[2], pad[0]) for pad in pads],
+                                _out_hw(x.shape, weights[0].shape[-2:], pads[0]), bias=bias)[0]
+
+
+@_dwconv2d_sum_op.register_fake
+def _(x, weights, bias, paddings):
+    h_out, w_out = _out_hw(x.shape, weights[0].shape[-2:], _split_paddings(paddings)[0])
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return torch.empty((x.shape[0], x.shape[1], h_out, w_out), dtype=x.dtype, device=x.device,
+                       memory_format=fmt)
+
+
+@torch.library.custom_op("lkvision::triton_dwconv2d_sum_grad_input", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor[] weights, int[] paddings, int[] input_hw, "
+                                "bool channels_last) -> Tensor")
+def _dwconv2d_sum_grad_input_op(grad_out: Tensor, weights: Sequence[Tensor], paddings: Sequence[int],
+                                input_hw: Sequence[int], channels_last: bool) -> Tensor:
+    return _grad_input_terms(grad_out, weights, _split_paddings(paddings), input_hw, channels_last)
+
+
+@_dwconv2d_sum_grad_input_op.register_fake
+def _(grad_out, weights, paddings, input_hw, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((grad_out.shape[0], grad_out.shape[1], *input_hw), dtype=grad_out.dtype,
+                       device=grad_out.device, memory_format=fmt)
+
+
+def _dwconv2d_sum_setup(ctx, inputs, output):
+    x, weights, bias, paddings = inputs
+    ctx.save_for_backward(x, *weights)
+    ctx.paddings = list(paddings)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _dwconv2d_sum_backward(ctx, grad_out):
+    x, *weights = ctx.saved_tensors
+    grad_x = grad_b = None
+    grad_ws = [None] * len(weights)
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.lkvision.triton_dwconv2d_sum_grad_input(
+            grad_out, weights, ctx.paddings, list(x.shape[-2:]), is_channels_last(x))
+    if ctx.needs_input_grad[1]:
+        grad_ws = [torch.ops.lkvision.triton_dwconv2d_grad_weight(grad_out, x, list(w.shape[-2:]), pad).to(w.dtype)
+                   for w, pad in zip(weights, _split_paddings(ctx.paddings))]
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad_out.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
+    return grad_x, grad_ws, grad_b, None
+
+
+_dwconv2d_sum_op.register_autograd(_dwconv2d_sum_backward, setup_context=_dwconv2d_sum_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------------------
 def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: Sequence[int]) -> Tensor:
@@ -541,3 +730,37 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: Sequence[i
         raise ValueError(f"empty output: input {tuple(x.shape[-2:])}, kernel {tuple(weight.shape[-2:])}, "
                          f"padding {padding} give an output of {h_out} x {w_out}")
     return torch.ops.lkvision.triton_dwconv2d(x, weight, bias, padding)
+
+
+def dwconv2d_sum(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None,
+                 paddings: Sequence[Sequence[int]]) -> Tensor:
+    """``sum_t dwconv2d(x, weights[t], None, paddings[t]) + bias`` in ONE launch (x read once, y written once).
+
+    x (B, C, H, W); 1 to 3 weights (C, 1, KH_t, KW_t) whose F.pad-style paddings (left, right, top, bottom)
+    give the same output size; bias (C,) or None. This is the deploy form of a Shiftwise layer (horizontal
+    strip with the small kernel and the identity folded in, plus the vertical strip). Differentiable w.r.t.
+    x, every weight and bias; output in the layout of ``x``.
+    """
+    weights = list(weights)
+    if not 1 <= len(weights) <= 3 or len(paddings) != len(weights):
+        raise ValueError(f"dwconv2d_sum: need 1 to 3 weights with one padding each, got {len(weights)} weights "
+                         f"and {len(paddings)} paddings")
+    flat: list[int] = []
+    out_hw = None
+    for t, (w, pad) in enumerate(zip(weights, paddings)):
+        check_depthwise_args(x, w, bias, name=f"weights[{t}]")
+        pad = [int(p) for p in pad]
+        if len(pad) != 4 or min(pad) < 0:
+            raise ValueError(f"dwconv2d_sum: paddings[{t}] must be non-negative (left, right, top, bottom), "
+                             f"got {pad}")
+        hw = _out_hw(x.shape, w.shape[-2:], pad)
+        if min(hw) <= 0:
+            raise ValueError(f"dwconv2d_sum: term {t} gives an empty output: input {tuple(x.shape[-2:])}, kernel "
+                             f"{tuple(w.shape[-2:])}, padding {pad}")
+        if out_hw is not None and hw != out_hw:
+            raise ValueError(f"dwconv2d_sum: term {t} gives a {hw} output, term 0 gives {out_hw}")
+        if w.dtype != x.dtype:
+            raise TypeError(f"dwconv2d_sum: weights[{t}] dtype {w.dtype} differs from input dtype {x.dtype}")
+        out_hw = hw
+        flat += pad
+    return torch.ops.lkvision.triton_dwconv2d_sum(x, weights, bias, flat)

@@ -1,0 +1,493 @@
+"""Measured dispatch: pick the fastest of several equivalent implementations, once per problem, then cache it.
+
+Like cuDNN's benchmark mode: the first time an operator meets a problem (``op`` + a hashable ``key`` made of
+whatever changes the relative speed of the paths: device, dtype, layout, shapes, padding, training or not),
+:func:`choose` times every candidate and remembers the fastest; every later call with the same key is a
+dictionary look-up::
+
+    train = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    impl = autoselect.choose("dwconv2d", key,
+                             {"triton": autoselect.candidate(run_triton, (x, weight), train),
+                              "channels_last": autoselect.candidate(run_cl, (x, weight), train)},
+                             "channels_last", tensors=(x, weight))
+
+:func:`candidate` builds such a timing callable: the forward under ``no_grad``, or forward + backward on detached
+leaves when ``train`` (so that the choice reflects training cost and no gradient reaches the caller's tensors).
+
+Timing (:func:`measure`): ``WARMUP`` untimed calls (JIT compilation, cuDNN's own algorithm search, allocator
+warm-up), then the median of ``REPEATS`` timed calls: CUDA events + ``torch.cuda.synchronize`` when the work is
+on a CUDA device, ``time.perf_counter`` otherwise. The timer is injectable (``timer=`` argument or the
+module-level ``_timer``) so that tests can drive the choice deterministically. A candidate that raises is
+excluded (logged at debug level); if every candidate raises, ``default`` is chosen (and cached).
+
+No measuring happens (the cached winner is returned if there is one, else ``default``; nothing is cached) when
+
+* ``torch.compiler.is_compiling()`` (torch.compile / export tracing: the traced graph gets the cached winner
+  or the default; run the model eagerly once before compiling to have the measured choice baked in; the
+  look-up is plain traceable Python, so dynamo guards on the key, i.e. specialises on the shapes in it),
+* a CUDA stream is being captured into a CUDA graph (warm up eagerly before capturing),
+* ``torch.jit`` is tracing or scripting, a ``TorchDispatchMode`` (FakeTensorMode, FlopCounterMode, ...) or a
+  ``torch.func`` transform (vmap, grad, ...) is active,
+* one of ``tensors`` is a meta tensor, a FakeTensor or another tensor subclass,
+* the caller passes ``measure_ok=False``.
+
+Environment variables:
+
+* ``LKVISION_AUTOSELECT=0`` (also ``false``/``off``/``no``): never measure and ignore the cache; every
+  :func:`choose` returns its ``default``.
+* ``LKVISION_AUTOSELECT_TABLE=/path/table.json``: load that table (see :func:`load_table`) when this module is
+  imported (torch.compile cannot read files while tracing) and at the first eager :func:`choose` after the
+  variable changes. A missing file is logged and skipped; a corrupt one is logged at import and raises
+  ``ValueError`` from the first eager :func:`choose`.
+
+Tables: :func:`save_table` writes the cache as JSON (atomically: temporary file + ``os.replace``) together with
+the device name and the torch version; :func:`load_table` validates and merges one. :func:`cache_table` returns
+a copy of the cache for inspection and :func:`clear_cache` empties it. Keys are normalised to JSON-friendly
+tuples (``torch.dtype``/``torch.device``/``torch.memory_format`` become their ``str``, lists become tuples), so
+a key made in one process matches the same key loaded from a table.
+
+The cache is guarded by a lock; measurements are serialised by a second (re-entrant) lock so that two threads
+never time concurrently (which would distort both measurements) while cache hits never wait for a measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["choose", "candidate", "measure", "measuring_allowed", "save_table", "load_table", "clear_cache",
+           "cache_table", "TABLE_FORMAT", "TABLE_VERSION", "WARMUP", "REPEATS"]
+
+logger = logging.getLogger(__name__)
+
+TABLE_FORMAT = "lkvision-autoselect"
+TABLE_VERSION = 1
+WARMUP = 2  # untimed calls per candidate before timing
+REPEATS = 5  # timed calls per candidate; the median is used
+
+ENV_ENABLE = "LKVISION_AUTOSELECT"
+ENV_TABLE = "LKVISION_AUTOSELECT_TABLE"
+_FALSE_VALUES = ("0", "false", "off", "no")
+
+Timer = Callable[[Callable[[], object], bool], float]
+"""``timer(fn, cuda) -> seconds``: the cost of one call of ``fn`` (``cuda``: the work runs on a CUDA device)."""
+
+
+class _Entry(NamedTuple):
+    winner: str
+    times_ms: dict[str, float | None]  # per candidate; None = it raised
+
+
+_cache: dict[tuple[str, tuple], _Entry] = {}
+_lock = threading.Lock()  # guards _cache and _env_table_done
+_measure_lock = threading.RLock()  # serialises measurements (re-entrant: a candidate may call choose itself)
+_env_table_done: str | None = None  # the LKVISION_AUTOSELECT_TABLE value already loaded (or found missing)
+
+
+# ----------------------------------------------------------------------------------------------------- timing
+def measure(fn: Callable[[], object], cuda: bool = False, *, warmup: int | None = None,
+            repeats: int | None = None) -> float:
+    """Median seconds per call of ``fn`` after ``warmup`` untimed calls (defaults ``WARMUP``, ``REPEATS``).
+
+    ``cuda=True``: each call is bracketed by CUDA events on the current stream and the device is synchronised
+    before the first and after the last event; otherwise ``time.perf_counter`` around each call."""
+    warmup = WARMUP if warmup is None else warmup
+    repeats = max(1, REPEATS if repeats is None else repeats)
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) / 1e3 for start, end in events]
+    else:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))
+
+
+_timer: Timer = measure
+"""The timer used by :func:`choose` when none is passed (tests replace it)."""
+
+
+def _flat_tensors(out: object) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat_tensors(o)]
+    return []
+
+
+def candidate(fn: Callable[..., object], args: Sequence[object], train: bool) -> Callable[[], object]:
+    """A timing candidate for :func:`choose`: a zero-argument callable that runs ``fn(*args)`` once.
+
+    ``train=False``: the forward only, under ``torch.no_grad()``. ``train=True``: forward + backward, so that
+    the choice reflects training cost: every tensor in ``args`` is replaced by a detached leaf with the same
+    ``requires_grad`` (no copy), and ``torch.autograd.grad`` of the tensor outputs (a tensor or nested
+    tuples/lists of tensors; all-ones output gradients) w.r.t. those leaves is taken. The caller's tensors get no
+    ``.grad`` and their autograd graph is untouched. Non-tensor ``args`` (None, ints, ...) are passed as they are.
+    The leaves are made when the candidate runs, never when it is built (building one is free, also while
+    torch.compile traces the caller)."""
+    if not train:
+        def run_forward() -> object:
+            with torch.no_grad():
+                return fn(*args)
+
+        return run_forward
+
+    def run_forward_backward() -> object:
+        leaves = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+        with torch.enable_grad():
+            outs = [o for o in _flat_tensors(fn(*leaves)) if o.requires_grad]
+            wanted = [a for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+            if not outs or not wanted:
+                return ()
+            return torch.autograd.grad(outs, wanted, [torch.ones_like(o) for o in outs], allow_unused=True)
+
+    return run_forward_backward
+
+
+# ------------------------------------------------------------------------------------------- when to measure
+def _enabled() -> bool:
+    value = os.environ.get(ENV_ENABLE)
+    return value is None or value.strip().lower() not in _FALSE_VALUES
+
+
+def _stream_capturing() -> bool:
+    """True while the current CUDA stream is being captured (False on CPU-only builds / uninitialised CUDA)."""
+    try:
+        return bool(torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
+    except Exception:  # CPU-only build: the binding is a dummy that raises
+        return False
+
+
+def _unmeasurable_tensor(t: torch.Tensor) -> str | None:
+    if t.device.type == "meta":
+        return "meta tensor"
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return f"tensor subclass {type(t).__name__}"
+    try:
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return "functorch-wrapped tensor"
+    except Exception:  # pragma: no cover - private API moved
+        pass
+    return None
+
+
+def _not_measurable_reason(tensors: Iterable[object] = ()) -> str | None:
+    """Why measuring is not allowed right now (None: it is)."""
+    if torch.compiler.is_compiling():
+        return "compiling"
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return "torch.jit tracing/scripting"
+    if _stream_capturing():
+        return "CUDA stream capture in progress"
+    try:
+        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+        if is_in_torch_dispatch_mode():
+            return "a TorchDispatchMode is active"
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return "a torch.func transform is active"
+    except Exception:  # pragma: no cover - private API moved
+        pass
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            why = _unmeasurable_tensor(t)
+            if why is not None:
+                return why
+    return None
+
+
+def measuring_allowed(tensors: Iterable[object] = ()) -> bool:
+    """Whether :func:`choose` may time candidates now, for work on ``tensors`` (see the module docstring)."""
+    return _enabled() and _not_measurable_reason(tensors) is None
+
+
+# ------------------------------------------------------------------------------------------------------- keys
+class _Unkeyable(Exception):
+    """The key holds a symbolic value (SymInt & co.): no table entry can match it."""
+
+
+_SCALAR_TYPES = frozenset((type(None), bool, int, float, str))
+
+
+def _is_normalized(key: tuple) -> bool:
+    """Fast check (the per-call path): a tuple of scalars and tuples of scalars needs no conversion."""
+    for e in key:
+        te = type(e)
+        if te not in _SCALAR_TYPES and not (te is tuple and all(type(f) in _SCALAR_TYPES for f in e)):
+            return False
+    return True
+
+
+def _normalize(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        raise _Unkeyable
+    if isinstance(v, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
+        return str(v)
+    if isinstance(v, (tuple, list)):  # torch.Size is a tuple
+        return tuple(_normalize(e) for e in v)
+    raise TypeError(f"autoselect: unsupported key element {v!r} of type {type(v).__name__}; use None, bool, "
+                    "int, float, str, torch.dtype/device/memory_format/layout or tuples of these")
+
+
+def _normalize_key(op: str, key: tuple) -> tuple[str, tuple]:
+    if not isinstance(op, str):
+        raise TypeError(f"autoselect: op must be a str, got {type(op).__name__}")
+    if not isinstance(key, tuple):
+        raise TypeError(f"autoselect: key must be a tuple, got {type(key).__name__}")
+    return op, (key if _is_normalized(key) else _normalize(key))
+
+
+# ----------------------------------------------------------------------------------------------------- choose
+def _lookup_while_compiling(op: str, key: tuple, candidates: Mapping[str, object], default: str) -> str:
+    """The choice inside a torch.compile trace: a plain look-up, no lock, logging or timing (all traceable)."""
+    try:
+        entry = _cache.get(_normalize_key(op, key))
+    except _Unkeyable:
+        return default
+    if entry is not None and entry.winner in candidates:
+        return entry.winner
+    return default
+
+
+def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], default: str, *,
+           tensors: Iterable[object] = (), measure_ok: bool = True, timer: Timer | None = None,
+           cuda: bool | None = None) -> str:
+    """The name of the fastest candidate for ``(op, key)``, measured on the first call and cached.
+
+    Args:
+        op: the operator's name (a namespace for the keys), e.g. ``"dwconv2d"``.
+        key: a tuple describing the problem; elements: None, bool, int, float, str, torch.dtype, torch.device,
+            torch.memory_format, torch.layout, or nested tuples/lists of these.
+        candidates: name -> a zero-argument callable that runs that implementation once on representative
+            inputs (it must not have side effects the caller can see: no gradients into the caller's tensors).
+        default: the name returned when nothing may be measured and nothing is cached, when every candidate
+            raises, or always when ``LKVISION_AUTOSELECT=0``.
+        tensors: the tensors the work runs on; meta/fake/subclass tensors forbid measuring, and a CUDA one
+            selects CUDA-event timing.
+        measure_ok: False forbids measuring (the cached winner or ``default`` is returned).
+        timer: ``timer(fn, cuda) -> seconds`` (default: the module's ``_timer``, i.e. :func:`measure`).
+        cuda: whether the candidates run on CUDA (default: whether any of ``tensors`` is a CUDA tensor).
+
+    A cached winner that is not among ``candidates`` (e.g. a table from a machine with Triton) counts as a miss.
+    Where measuring is allowed, a single candidate is returned without timing (and without caching).
+    """
+    if torch.compiler.is_compiling():
+        return _lookup_while_compiling(op, key, candidates, default) if _enabled() else default
+    if not _enabled():
+        return default
+    _load_env_table()
+    try:
+        k = _normalize_key(op, key)
+    except _Unkeyable:
+        return default
+    with _lock:
+        entry = _cache.get(k)
+    if entry is not None and entry.winner in candidates:
+        return entry.winner
+    tensors = tuple(tensors)
+    why = "measure_ok=False" if not measure_ok else _not_measurable_reason(tensors)
+    if why is not None or not candidates:
+        logger.debug("autoselect %s %s: not measuring (%s); using %r", op, k[1], why or "no candidates", default)
+        return default
+    if len(candidates) == 1:  # nothing to compare
+        return next(iter(candidates))
+    cuda_device = next((t.device for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda), None)
+    if cuda is None:
+        cuda = cuda_device is not None
+    with _measure_lock:
+        with _lock:
+            entry = _cache.get(k)
+        if entry is not None and entry.winner in candidates:  # another thread measured it meanwhile
+            return entry.winner
+        # the events and synchronize of the timer must be on the tensors' device, not on the current one
+        with torch.cuda.device(cuda_device) if cuda_device is not None else contextlib.nullcontext():
+            entry = _measure_all(op, k[1], candidates, default, timer if timer is not None else _timer, cuda)
+        with _lock:
+            _cache[k] = entry
+    return entry.winner
+
+
+def _measure_all(op: str, key: tuple, candidates: Mapping[str, Callable[[], object]], default: str,
+                 timer: Timer, cuda: bool) -> _Entry:
+    times: dict[str, float | None] = {}
+    for name, fn in candidates.items():
+        try:
+            seconds = float(timer(fn, cuda))
+        except Exception as exc:  # a failing candidate is simply not a winner
+            logger.debug("autoselect %s %s: candidate %r raised %s: %s", op, key, name, type(exc).__name__, exc)
+            times[name] = None
+            continue
+        times[name] = seconds * 1e3
+    ok = {name: t for name, t in times.items() if t is not None}
+    winner = min(ok, key=ok.__getitem__) if ok else default
+    logger.debug("autoselect %s %s: %s -> %r", op, key, times, winner)
+    return _Entry(winner, times)
+
+
+# ----------------------------------------------------------------------------------------------------- tables
+def clear_cache() -> None:
+    """Forget every cached choice (a table named by ``LKVISION_AUTOSELECT_TABLE`` is not re-read)."""
+    with _lock:
+        _cache.clear()
+
+
+def cache_table() -> dict[tuple[str, tuple], dict[str, Any]]:
+    """A copy of the cache: ``{(op, normalised key): {"winner": name, "times_ms": {name: ms or None}}}``."""
+    with _lock:
+        return {k: {"winner": e.winner, "times_ms": dict(e.times_ms)} for k, e in _cache.items()}
+
+
+def _device_description() -> str:
+    try:
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(torch.cuda.current_device())
+    except Exception:  # pragma: no cover - broken driver
+        pass
+    return f"cpu ({platform.processor() or platform.machine() or 'unknown'})"
+
+
+def save_table(path: str | os.PathLike) -> None:
+    """Write the cache as JSON to ``path`` (atomically), with the device name and the torch version."""
+    with _lock:
+        entries = [{"op": op, "key": key, "winner": e.winner, "times_ms": dict(e.times_ms)}
+                   for (op, key), e in _cache.items()]
+    doc = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "torch": torch.__version__,
+           "device": _device_description(), "entries": entries}
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".autoselect-", suffix=".json.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _tuplify(v: Any) -> Any:
+    return tuple(_tuplify(e) for e in v) if isinstance(v, list) else v
+
+
+def _check_key_value(v: Any) -> bool:
+    if isinstance(v, list):
+        return all(_check_key_value(e) for e in v)
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def _parse_table(doc: Any, where: str) -> dict[tuple[str, tuple], _Entry]:
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"autoselect table {where}: {msg}")
+
+    if not isinstance(doc, dict):
+        raise bad(f"expected a JSON object at the top level, got {type(doc).__name__}")
+    if doc.get("format") != TABLE_FORMAT:
+        raise bad(f"'format' is {doc.get('format')!r}, expected {TABLE_FORMAT!r}")
+    if doc.get("version") != TABLE_VERSION:
+        raise bad(f"unsupported 'version' {doc.get('version')!r} (this lkvision reads version {TABLE_VERSION})")
+    entries = doc.get("entries")
+    if not isinstance(entries, list):
+        raise bad("'entries' is missing or not a list")
+    out: dict[tuple[str, tuple], _Entry] = {}
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise bad(f"entry {i} is not an object")
+        op, key, winner, times = e.get("op"), e.get("key"), e.get("winner"), e.get("times_ms", {})
+        if not isinstance(op, str):
+            raise bad(f"entry {i}: 'op' must be a string, got {op!r}")
+        if not isinstance(key, list) or not _check_key_value(key):
+            raise bad(f"entry {i}: 'key' must be a list of null/bool/number/string (or nested lists), got {key!r}")
+        if not isinstance(winner, str):
+            raise bad(f"entry {i}: 'winner' must be a string, got {winner!r}")
+        if not isinstance(times, dict) or not all(
+                isinstance(n, str) and (t is None or (isinstance(t, (int, float)) and not isinstance(t, bool)))
+                for n, t in times.items()):
+            raise bad(f"entry {i}: 'times_ms' must map names to numbers or null, got {times!r}")
+        out[(op, _tuplify(key))] = _Entry(winner, {n: (None if t is None else float(t)) for n, t in times.items()})
+    return out
+
+
+def load_table(path: str | os.PathLike) -> int:
+    """Merge the table at ``path`` (written by :func:`save_table`) into the cache; returns the entry count.
+
+    Its entries replace cached ones with the same key. Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` naming the problem for a file that is not such a table. A table written by another torch
+    version is loaded with a warning (its timings may be stale; keys carry the device name, so entries of other
+    devices never match)."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"autoselect table {path}: not valid JSON ({exc})") from exc
+    table = _parse_table(doc, path)
+    if doc.get("torch") != torch.__version__:
+        logger.warning("autoselect table %s was written with torch %s (running %s); its timings may be stale",
+                       path, doc.get("torch"), torch.__version__)
+    with _lock:
+        _cache.update(table)
+    return len(table)
+
+
+def _load_env_table() -> None:
+    """Load the table named by ``LKVISION_AUTOSELECT_TABLE`` once per distinct value."""
+    global _env_table_done
+    path = os.environ.get(ENV_TABLE)
+    if not path or path == _env_table_done:
+        return
+    with _measure_lock:  # one thread loads; the others wait and then see _env_table_done
+        if path == _env_table_done:
+            return
+        try:
+            n = load_table(path)
+        except FileNotFoundError:
+            logger.warning("autoselect: %s=%s does not exist; starting with an empty table", ENV_TABLE, path)
+        else:
+            logger.debug("autoselect: loaded %d entries from %s", n, path)
+        with _lock:
+            _env_table_done = path
+
+
+
+def _load_env_table_at_import() -> None:
+    # torch.compile cannot read files while tracing, so a table meant for compiled models is read right away;
+    # a corrupt file is reported here and raised by the first eager choose().
+    try:
+        _load_env_table()
+    except ValueError as exc:
+        logger.error("autoselect: %s", exc)
+
+
+_load_env_table_at_import()
