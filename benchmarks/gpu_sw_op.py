@@ -14,7 +14,10 @@ bytes the op must move (x read once, each output written once; weights ignored) 
 measured device-to-device copy bandwidth. The op is also given its FMA count, because with 2*k*L + k*k
 (= 315 at M = 51) multiply-adds per output it is compute-heavy for direct fp32 arithmetic.
 
-Usage: ``python benchmarks/gpu_sw_op.py [--stages 1 2] [--dtypes fp32 bf16] [--modes fwd fwdbwd]``.
+Usage: ``python benchmarks/gpu_sw_op.py [--stages 1 2] [--dtypes fp32 bf16] [--modes fwd fwdbwd]``;
+``--smoke``: CPU, batch 2, stage 4 (M = 13) with 2 rep channels (7x7 maps; other stages: 8x8, same M, nk), one
+call per measurement, a 64 MiB CPU copy as the bandwidth reference (``TRITON_INTERPRET=1`` runs the fused paths in
+triton's interpreter; without it they are skipped on CPU).
 """
 
 from __future__ import annotations
@@ -28,40 +31,69 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_dwconv_table1 import DTYPES, RESULTS, append_json, copy_bandwidth_gbs, cuda_time, environment, rel_err  # noqa: E402
+from _gpu_common import (  # noqa: E402
+    DTYPES,
+    Deadline,
+    add_common_args,
+    append_json,
+    copy_bandwidth_gbs,
+    empty_cache,
+    environment,
+    error_text,
+    fmt,
+    rel_err,
+    resolve_common,
+    setup_backends,
+    time_fn,
+    triton_skip_reason,
+)
 
+RESULT_NAME = "gpu_sw_op.json"
 # stage -> (R, nk, H, M)
 STAGES = {1: (60, 17, 56, 51), 2: (122, 17, 28, 49), 3: (246, 16, 14, 47), 4: (492, 5, 7, 13)}
+SMOKE_STAGES = {s: (2, nk, min(h, 8), m) for s, (_, nk, h, m) in STAGES.items()}  # same M and nk, 2 channels
 K = 3
 EDGES = 4
+PATHS = ["fused", "fused_deploy", "torch_strips", "torch_strips_cl", "reference"]
+TRITON_PATHS = ("fused", "fused_deploy")
+# (full run, --smoke) defaults
+DEFAULTS = {"stages": ([1, 2, 3, 4], [4]), "dtypes": (["fp32", "bf16"], ["fp32", "bf16"]), "batch": (128, 2),
+            "warmup": (3, 0), "runs": (20, 1), "budget_s": (5.0, 1.0)}
+MEASURED = ("rel_err", "median_ms", "min_ms", "max_ms", "runs", "first_ms", "min_bytes", "achieved_GBs",
+            "frac_of_copy_bw", "fma", "TFMA_per_s")
 
 
-def _inputs(stage: int, batch: int, dtype: torch.dtype):
-    r, nk, h, m = STAGES[stage]
-    gen = torch.Generator(device="cuda").manual_seed(stage)
-    x = torch.randn(batch, r, h, h, device="cuda", generator=gen).to(dtype)
-    weight = (torch.randn(r * nk, 1, K, K, device="cuda", generator=gen) * 0.1).to(dtype)
+def _stage(stage: int, args) -> tuple[int, int, int, int]:
+    return (SMOKE_STAGES if args.smoke else STAGES)[stage]
+
+
+def _inputs(stage: int, args, dtype: torch.dtype):
+    r, nk, h, m = _stage(stage, args)
+    dev = args.device
+    gen = torch.Generator(device=dev).manual_seed(stage)
+    x = torch.randn(args.batch, r, h, h, device=dev, generator=gen).to(dtype)
+    weight = (torch.randn(r * nk, 1, K, K, device=dev, generator=gen) * 0.1).to(dtype)
     tables = None
     try:
-        from lkvision.ops import shift_add
+        # (not ``from lkvision.ops import shift_add``: that name is the function, which shadows the module)
+        from lkvision.ops import fold_shiftwise_weight, make_shift_tables
 
-        pad_hv, idx = shift_add.make_shift_tables(r, m, K, EDGES)
-        tables = (pad_hv.cuda(), idx.cuda())
-        kh, kv, ks = shift_add.fold_shiftwise_weight(weight, *tables, m, K)
+        pad_hv, idx = make_shift_tables(r, m, K, EDGES)
+        tables = (pad_hv.to(dev), idx.to(dev))
+        kh, kv, ks = fold_shiftwise_weight(weight, *tables, m, K)
     except Exception as exc:  # the ops module is optional here: random folded kernels are as good for timing
-        print(f"note: lkvision.ops.shift_add unavailable ({type(exc).__name__}: {exc}); random folded kernels")
+        print(f"note: lkvision.ops.shift_add unavailable ({error_text(exc)}); random folded kernels")
         strip_len = K * nk
-        kh = (torch.randn(r, 1, K, strip_len, device="cuda", generator=gen) * 0.1).to(dtype)
-        kv = (torch.randn(r, 1, strip_len, K, device="cuda", generator=gen) * 0.1).to(dtype)
-        ks = (torch.randn(r, 1, K, K, device="cuda", generator=gen) * 0.1).to(dtype)
-    bias = torch.randn(r, device="cuda", generator=gen).to(dtype)
+        kh = (torch.randn(r, 1, K, strip_len, device=dev, generator=gen) * 0.1).to(dtype)
+        kv = (torch.randn(r, 1, strip_len, K, device=dev, generator=gen) * 0.1).to(dtype)
+        ks = (torch.randn(r, 1, K, K, device=dev, generator=gen) * 0.1).to(dtype)
+    bias = torch.randn(r, device=dev, generator=gen).to(dtype)
     return x, weight, tables, kh.detach(), kv.detach(), ks.detach(), bias
 
 
-def _path_fn(path: str, stage: int, weight, tables, kh, kv, ks, bias):
+def _path_fn(path: str, m: int, weight, tables, kh, kv, ks, bias):
     from lkvision.ops.kernels.triton_shiftwise import shiftwise_strips, shiftwise_strips_reference
 
-    m = STAGES[stage][3]
     if path == "fused":
         return lambda x: shiftwise_strips(x, kh, kv, ks, None, m, K, separate=True)
     if path == "fused_deploy":
@@ -71,29 +103,35 @@ def _path_fn(path: str, stage: int, weight, tables, kh, kv, ks, bias):
     if path == "reference":
         if tables is None:
             raise RuntimeError("reference path needs lkvision.ops.shift_add")
-        from lkvision.ops.shift_add import shiftwise_conv
+        from lkvision.ops import shiftwise_conv
 
         return lambda x: shiftwise_conv(x, weight, *tables, m, K, impl="reference")
     raise ValueError(path)
 
 
+def _as_list(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
 def run_one(path: str, stage: int, mode: str, dtype: str, args, copy_gbs: float) -> dict:
     dt = DTYPES[dtype]
-    r, nk, h, m = STAGES[stage]
-    x, weight, tables, kh, kv, ks, bias = _inputs(stage, args.batch, dt)
+    r, nk, h, m = _stage(stage, args)
+    x, weight, tables, kh, kv, ks, bias = _inputs(stage, args, dt)
     if path.endswith("_cl"):
         x = x.contiguous(memory_format=torch.channels_last)
-    fn = _path_fn(path, stage, weight, tables, kh, kv, ks, bias)
-    out = fn(x)
-    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    fn = _path_fn(path, m, weight, tables, kh, kv, ks, bias)
+    with torch.no_grad():
+        outs = _as_list(fn(x[:2]))
     # correctness vs the fp64 folded-strip definition on two images
     from lkvision.ops.kernels.triton_shiftwise import shiftwise_strips_reference
 
     sep = path != "fused_deploy"
     ref = shiftwise_strips_reference(x[:2].double(), kh.double(), kv.double(), ks.double(),
                                      None if sep else bias.double(), m, separate=sep)
-    refs = list(ref) if sep else [ref]
-    err = max(rel_err(o[:2], rr) for o, rr in zip(outs, refs))
+    refs = _as_list(ref)
+    if len(outs) != len(refs):
+        raise RuntimeError(f"{path} returned {len(outs)} outputs, expected {len(refs)}")
+    err = max(rel_err(o, rr) for o, rr in zip(outs, refs))
 
     if mode == "fwd":
         def bench():
@@ -101,77 +139,100 @@ def run_one(path: str, stage: int, mode: str, dtype: str, args, copy_gbs: float)
                 return fn(x)
     else:
         params = [t.detach().requires_grad_() for t in (kh, kv, ks)]
+        wg = weight.detach().requires_grad_()
         xg = x.detach().requires_grad_()
-        fn_g = _path_fn(path, stage, weight.detach().requires_grad_(), tables, *params, bias.detach())
-        grads = [torch.randn_like(o) for o in outs]
+        fn_g = _path_fn(path, m, wg, tables, *params, bias.detach())
+        grads = [torch.randn_like(x) for _ in outs]  # every output has the shape and layout of x
 
         def bench():
-            o = fn_g(xg)
-            o = list(o) if isinstance(o, (tuple, list)) else [o]
+            o = _as_list(fn_g(xg))
             torch.autograd.backward(o, grads)
-            xg.grad = None
-            for p in params:
+            for p in (xg, wg, *params):
                 p.grad = None
 
-    t = cuda_time(bench, warmup=args.warmup, runs=args.runs, budget_s=args.budget_s)
+    t = time_fn(bench, args.device, warmup=args.warmup, runs=args.runs, budget_s=args.budget_s)
     elt = x.element_size()
     n = x.numel()
     n_out = 1 if path == "fused_deploy" else 3
     min_bytes = n * elt * (1 + n_out) * (1 if mode == "fwd" else 3)  # fwdbwd: rough (x, outs, grads)
     gbs = min_bytes / (t["median_ms"] * 1e-3) / 1e9
     fmas = n * (2 * K * K * nk + K * K) * (1 if mode == "fwd" else 3)
-    return {"path": path, "stage": stage, "mode": mode, "dtype": dtype, "R": r, "nk": nk, "H": h, "M": m,
-            "batch": args.batch, "rel_err": err, **t, "min_bytes": min_bytes, "achieved_GBs": gbs,
-            "copy_GBs": copy_gbs, "frac_of_copy_bw": gbs / copy_gbs, "fma": fmas,
-            "TFMA_per_s": fmas / (t["median_ms"] * 1e-3) / 1e12}
+    return {"rel_err": err, **t, "min_bytes": min_bytes, "achieved_GBs": gbs, "frac_of_copy_bw": gbs / copy_gbs,
+            "fma": fmas, "TFMA_per_s": fmas / (t["median_ms"] * 1e-3) / 1e12}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", type=int, nargs="+", choices=sorted(STAGES), help="default 1 2 3 4 (smoke: 4)")
+    ap.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS)
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
+    ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default fp32 bf16")
+    ap.add_argument("--batch", type=int, help="default 128 (smoke: 2)")
+    ap.add_argument("--warmup", type=int, help="default 3 (smoke: 0, the one timed call is the first)")
+    ap.add_argument("--runs", type=int, help="default 20 (smoke: 1)")
+    ap.add_argument("--budget-s", type=float, help="time budget per measurement (default 5)")
+    add_common_args(ap, RESULT_NAME)
+    args = ap.parse_args(argv)
+    for name, (full, smoke) in DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, smoke if args.smoke else full)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
-    ap.add_argument("--paths", nargs="+",
-                    default=["fused", "fused_deploy", "torch_strips", "torch_strips_cl", "reference"])
-    ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--budget-s", type=float, default=5.0)
-    ap.add_argument("--out", type=Path, default=RESULTS / "gpu_sw_op.json")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_sw_op: no CUDA device; nothing to do")
-        return 0
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.allow_tf32 = False
-    env = environment()
-    copy_gbs = copy_bandwidth_gbs()
+    args = parse_args(argv)
+    problem = resolve_common(args, RESULT_NAME)
+    if problem:
+        print(f"gpu_sw_op: {problem}")
+        return 1
+    setup_backends(args.device)
+    env = environment(args.device, args.smoke)
+    copy_gbs = copy_bandwidth_gbs(args.device)
     env["copy_GBs"] = copy_gbs
     print(json.dumps(env))
+    print(f"gpu_sw_op: writing {args.out}")
+    deadline = Deadline(args.time_limit_s)
+    skip_triton = {dtype: triton_skip_reason(args.device, DTYPES[dtype]) for dtype in args.dtypes}
+    for dtype, why in skip_triton.items():
+        if why and any(p in TRITON_PATHS for p in args.paths):
+            print(f"note: {dtype}: skipping the fused (Triton) paths: {why}")
     rows = []
     for mode in args.modes:
         for dtype in args.dtypes:
             for stage in args.stages:
                 for path in args.paths:
-                    try:
-                        row = run_one(path, stage, mode, dtype, args, copy_gbs)
-                    except Exception as exc:
-                        row = {"path": path, "stage": stage, "mode": mode, "dtype": dtype, "median_ms": math.nan,
-                               "error": f"{type(exc).__name__}: {exc}"[:500]}
-                    torch.cuda.empty_cache()
+                    if deadline.expired():
+                        deadline.skip(f"{path} {mode} {dtype} stage {stage}")
+                        continue
+                    r, nk, h, m = _stage(stage, args)
+                    row = {"path": path, "stage": stage, "mode": mode, "dtype": dtype, "R": r, "nk": nk, "H": h,
+                           "M": m, "batch": args.batch, **dict.fromkeys(MEASURED, math.nan), "copy_GBs": copy_gbs,
+                           "error": None, "skipped": None}
+                    if path in TRITON_PATHS and skip_triton[dtype]:
+                        row["skipped"] = skip_triton[dtype]
+                    else:
+                        try:
+                            row.update(run_one(path, stage, mode, dtype, args, copy_gbs))
+                        except Exception as exc:
+                            row["error"] = error_text(exc)
+                    empty_cache(args.device)
                     rows.append(row)
                     append_json(args.out, {**row, "env": env})
                     print(json.dumps(row), flush=True)
-    print(f"\ncopy bandwidth {copy_gbs:.0f} GB/s")
+    print(f"\ncopy bandwidth {copy_gbs:.0f} GB/s ({args.device})")
     print(f"{'mode':7}{'dtype':6}{'st':>3}{'path':>17}{'ms':>10}{'GB/s':>9}{'%copy':>7}{'TFMA/s':>8}{'err':>10}")
     for r in rows:
-        if "error" in r:
-            print(f"{r['mode']:7}{r['dtype']:6}{r['stage']:>3}{r['path']:>17}  error: {r['error'][:60]}")
+        head = f"{r['mode']:7}{r['dtype']:6}{r['stage']:>3}{r['path']:>17}"
+        if r["error"] or r["skipped"]:
+            print(f"{head}  {'error' if r['error'] else 'skipped'}: {(r['error'] or r['skipped'])[:60]}")
             continue
-        print(f"{r['mode']:7}{r['dtype']:6}{r['stage']:>3}{r['path']:>17}{r['median_ms']:>10.3f}"
-              f"{r['achieved_GBs']:>9.0f}{100 * r['frac_of_copy_bw']:>7.1f}{r['TFMA_per_s']:>8.2f}"
-              f"{r['rel_err']:>10.1e}")
-    return 0
+        print(head + fmt(r["median_ms"], ">10.3f") + fmt(r["achieved_GBs"], ">9.0f")
+              + fmt(100 * r["frac_of_copy_bw"], ">7.1f") + fmt(r["TFMA_per_s"], ">8.2f") + fmt(r["rel_err"], ">10.1e"))
+    deadline.report("gpu_sw_op")
+    n_err = sum(r["error"] is not None for r in rows)
+    print(f"gpu_sw_op: {len(rows)} records ({n_err} errors, {sum(r['skipped'] is not None for r in rows)} "
+          f"skipped) in {args.out}")
+    return 1 if n_err else 0
 
 
 if __name__ == "__main__":
