@@ -40,6 +40,28 @@ def test_forward_backward_all_params_get_grads(name, kw):
 
 
 @pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+def test_bf16_autocast_train_and_deploy(name, kw):
+    """Mixed precision as the training engine runs it (torch.autocast, fp32 weights): the large-kernel custom
+    ops must follow autocast's conv policy (they are invisible to it), in the train form and the deploy form,
+    and stay close to the fp32 result."""
+    model = randomize_bn_and_scales(_build(name, kw, num_classes=10)).eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        ref = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 0.05
+    y.float().square().mean().backward()
+    grads = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for _, g in grads)
+    lkvision.reparameterize(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y_dep = model(x)
+    assert ((y_dep.float() - ref).norm() / ref.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
 def test_api_features_head_reset(name, kw):
     model = _build(name, kw).eval()
     x = torch.randn(1, 3, IMG, IMG)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import autoselect
+from .kernels._common import autocast_inputs
 
 __all__ = ["dwconv2d", "normalize_padding", "dwconv2d_grad_input", "dwconv2d_grad_weight", "DWCONV_IMPLS"]
 
@@ -314,6 +315,8 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: Pad
     """
     if impl not in DWCONV_IMPLS:
         raise ValueError(f"dwconv2d: impl must be one of {DWCONV_IMPLS}, got {impl!r}")
+    if isinstance(x, Tensor) and isinstance(weight, Tensor):
+        x, weight, bias = autocast_inputs(x, weight, bias)  # custom ops are invisible to autocast
     _check_inputs(x, weight, bias)
     pad4 = normalize_padding(padding, tuple(weight.shape[-2:]))
     if x.shape[2] + pad4[2] + pad4[3] < weight.shape[2] or x.shape[3] + pad4[0] + pad4[1] < weight.shape[3]:

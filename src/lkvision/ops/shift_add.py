@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import autoselect
 from .dwconv import DWCONV_IMPLS, dwconv2d, normalize_padding
+from .kernels._common import autocast_inputs
 
 __all__ = [
     "shift_offsets", "num_blocks", "make_shift_tables", "shift_add", "fold_shiftwise_weight", "strip_paddings",
@@ -408,13 +409,19 @@ def shiftwise_conv(x: Tensor, weight: Tensor, pad_hv: Tensor, idx_identit: Tenso
     if weight.dim() != 4 or tuple(weight.shape) != (r * nk, 1, k, k):
         raise ValueError(f"shiftwise_conv: weight must have shape (R*nk, 1, k, k) = ({r * nk}, 1, {k}, {k}) for "
                          f"R={r} input channels, M={big_kernel}, k={k}; got {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if weight.dtype != x.dtype and not autocast:
         raise TypeError(f"shiftwise_conv: weight dtype {weight.dtype} differs from input dtype {x.dtype}")
     _check_tables(pad_hv, idx_identit, r, nk)
     if impl == "reference":
         conv = F.conv2d(x, weight, padding=k - 1, groups=r)
         return _shift_add_reference(conv, pad_hv, idx_identit, big_kernel, k)
-    kh, kv, ks = fold_shiftwise_weight(weight, pad_hv, idx_identit, big_kernel, k)
+    if autocast:  # fold in the weight's precision, then cast like a conv under autocast
+        with torch.autocast(x.device.type, enabled=False):
+            kh, kv, ks = fold_shiftwise_weight(weight, pad_hv, idx_identit, big_kernel, k)
+        x, kh, kv, ks = autocast_inputs(x, kh, kv, ks)
+    else:
+        kh, kv, ks = fold_shiftwise_weight(weight, pad_hv, idx_identit, big_kernel, k)
     mods = _require_kernels(x, "shiftwise_conv") if impl == "triton" else \
         _kernels_module(x) if impl == "auto" else None
     if mods is None:
@@ -454,6 +461,7 @@ def shiftwise_deploy_conv(x: Tensor, weight_h: Tensor, bias_h: Tensor | None, we
     """
     if impl not in DWCONV_IMPLS:
         raise ValueError(f"shiftwise_deploy_conv: impl must be one of {DWCONV_IMPLS}, got {impl!r}")
+    x, weight_h, weight_v, bias_h, bias_v = autocast_inputs(x, weight_h, weight_v, bias_h, bias_v)
     mods = _require_kernels(x, "shiftwise_deploy_conv") if impl == "triton" else \
         _kernels_module(x) if impl == "auto" else None
 

@@ -82,3 +82,18 @@ def check_depthwise_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         raise ValueError(f"expected bias of shape ({c},), got {tuple(bias.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"unsupported dtype {x.dtype}; the Triton kernels support float32/float16/bfloat16")
+
+
+def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Apply autocast's policy for convolutions to a custom conv op's tensors.
+
+    Custom ops are invisible to autocast, so under ``torch.autocast`` a conv's input may arrive in bf16 while
+    its weight is an fp32 parameter (or the reverse). When autocast is enabled for the device of the first
+    tensor, every fp32/fp16/bf16 tensor is cast to the autocast dtype, as ``F.conv2d`` would be; fp64 and
+    ``None`` pass through. Outside autocast the tensors are returned unchanged."""
+    dev = tensors[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t is not None and t.dtype in SUPPORTED_DTYPES and t.dtype != dtype else t
+                 for t in tensors)

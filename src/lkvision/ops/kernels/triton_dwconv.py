@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import check_depthwise_args, device_supported, interpret_mode, is_channels_last, num_sms
+from ._common import autocast_inputs, check_depthwise_args, device_supported, interpret_mode, is_channels_last, num_sms
 
 __all__ = ["dwconv2d", "dwconv2d_sum", "dwconv2d_reference", "dwconv_forward_terms", "dwconv_grad_weight", "HAS_TRITON"]
 
@@ -721,6 +721,7 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: Sequence[i
     (channels_last stays channels_last). Differentiable; runs the Triton kernels when
     :func:`lkvision.ops.kernels.is_available` holds for ``x`` and PyTorch otherwise.
     """
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_depthwise_args(x, weight, bias)
     padding = [int(p) for p in padding]
     if len(padding) != 4:
@@ -741,7 +742,7 @@ def dwconv2d_sum(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None,
     strip with the small kernel and the identity folded in, plus the vertical strip). Differentiable w.r.t.
     x, every weight and bias; output in the layout of ``x``.
     """
-    weights = list(weights)
+    x, bias, *weights = autocast_inputs(x, bias, *weights)
     if not 1 <= len(weights) <= 3 or len(paddings) != len(weights):
         raise ValueError(f"dwconv2d_sum: need 1 to 3 weights with one padding each, got {len(weights)} weights "
                          f"and {len(paddings)} paddings")

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._common import SUPPORTED_DTYPES, is_channels_last
+from ._common import SUPPORTED_DTYPES, autocast_inputs, is_channels_last
 from .triton_dwconv import _use_kernels, dwconv2d_reference, dwconv_forward_terms
 
 __all__ = ["shiftwise_strips", "shiftwise_strips_reference", "strip_paddings"]
@@ -226,6 +226,7 @@ def shiftwise_strips(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor
     ``separate=False``: returns ``H + V + S + x + bias`` (B, R, H, W), the eval/deploy form.
     Outputs keep the layout of ``x``; differentiable w.r.t. x, kh, kv, ks and bias.
     """
+    x, kh, kv, ks, bias = autocast_inputs(x, kh, kv, ks, bias)
     _check(x, kh, kv, ks, bias, big_kernel, small_kernel)
     if separate:
         if bias is not None:
