@@ -3,7 +3,10 @@
 Per stage (R = 60/122/246/492 rep channels, nk = 17/17/16/5, H = 56/28/14/7, M = 51/49/47/13, k = 3, E = 4):
 
 * ``fused``          our Triton kernel, separate outputs (H, V, S) (training form);
-* ``fused_deploy``   our Triton kernel, ``H + V + S + x + bias`` (eval/deploy form);
+* ``fused_deploy``   our Triton kernel, ``H + V + S + x + bias`` (eval form, unfolded kernels);
+* ``deploy_sum``     what a deployed ShiftWiseConv2d runs: ``dwconv2d_sum`` (widened horizontal strip holding the
+                     small kernel and the identity + vertical strip + bias), one tensor-core launch;
+* ``torch_deploy_cl``  the same two strips as two cuDNN channels_last convs and an add (the PyTorch deploy path);
 * ``torch_strips``   three ``F.conv2d`` on the folded kernels, NCHW (the PyTorch fast path);
 * ``torch_strips_cl``  the same in channels_last (cuDNN);
 * ``reference``      grouped 3x3 conv to R*nk channels + the literal shift-add
@@ -54,8 +57,9 @@ STAGES = {1: (60, 17, 56, 51), 2: (122, 17, 28, 49), 3: (246, 16, 14, 47), 4: (4
 SMOKE_STAGES = {s: (2, nk, min(h, 8), m) for s, (_, nk, h, m) in STAGES.items()}  # same M and nk, 2 channels
 K = 3
 EDGES = 4
-PATHS = ["fused", "fused_deploy", "torch_strips", "torch_strips_cl", "reference"]
-TRITON_PATHS = ("fused", "fused_deploy")
+PATHS = ["fused", "fused_deploy", "deploy_sum", "torch_deploy_cl", "torch_strips", "torch_strips_cl", "reference"]
+TRITON_PATHS = ("fused", "fused_deploy", "deploy_sum")
+DEPLOY_PATHS = ("fused_deploy", "deploy_sum", "torch_deploy_cl")  # one output: H + V + S + x + bias
 # (full run, --smoke) defaults
 DEFAULTS = {"stages": ([1, 2, 3, 4], [4]), "dtypes": (["fp32", "bf16"], ["fp32", "bf16"]), "batch": (128, 2),
             "warmup": (3, 0), "runs": (20, 1), "budget_s": (5.0, 1.0)}
@@ -91,6 +95,18 @@ def _inputs(stage: int, args, dtype: torch.dtype):
     return x, weight, tables, kh.detach(), kv.detach(), ks.detach(), bias
 
 
+def _deploy_kernels(m: int, kh, ks):
+    """The deployed layer's horizontal strip (ShiftWiseConv2d.folded_kernels with identity BNs): the folded
+    strip widened to hold the centred small kernel, plus the identity tap; and the two paddings."""
+    strip_len, mid = kh.shape[-1], m // 2
+    left, right = max(mid, K // 2), max(strip_len - 1 - mid, K // 2)
+    wh = kh.new_zeros(kh.shape[0], 1, K, left + right + 1)
+    wh[..., left - mid:left - mid + strip_len] = kh
+    wh[..., left - K // 2:left + K // 2 + 1] += ks
+    wh[:, 0, K // 2, left] += 1.0
+    return wh, (left, right, K // 2, K // 2), (K // 2, K // 2, mid, strip_len - 1 - mid)
+
+
 def _path_fn(path: str, m: int, weight, tables, kh, kv, ks, bias):
     from lkvision.ops.kernels.triton_shiftwise import shiftwise_strips, shiftwise_strips_reference
 
@@ -98,6 +114,13 @@ def _path_fn(path: str, m: int, weight, tables, kh, kv, ks, bias):
         return lambda x: shiftwise_strips(x, kh, kv, ks, None, m, K, separate=True)
     if path == "fused_deploy":
         return lambda x: shiftwise_strips(x, kh, kv, ks, bias, m, K, separate=False)
+    if path in ("deploy_sum", "torch_deploy_cl"):  # what a deployed ShiftWiseConv2d runs
+        from lkvision.ops import shiftwise_deploy_conv
+
+        wh, pad_h, pad_v = _deploy_kernels(m, kh.detach(), ks.detach())
+        wh.requires_grad_(kh.requires_grad)  # a leaf: the timed backward runs many times
+        impl = "triton" if path == "deploy_sum" else "channels_last"
+        return lambda x: shiftwise_deploy_conv(x, wh, bias, kv, None, pad_h, pad_v, impl=impl)
     if path in ("torch_strips", "torch_strips_cl"):
         return lambda x: shiftwise_strips_reference(x, kh, kv, ks, None, m, separate=True)
     if path == "reference":
@@ -125,7 +148,7 @@ def run_one(path: str, stage: int, mode: str, dtype: str, args, copy_gbs: float)
     # correctness vs the fp64 folded-strip definition on two images
     from lkvision.ops.kernels.triton_shiftwise import shiftwise_strips_reference
 
-    sep = path != "fused_deploy"
+    sep = path not in DEPLOY_PATHS
     ref = shiftwise_strips_reference(x[:2].double(), kh.double(), kv.double(), ks.double(),
                                      None if sep else bias.double(), m, separate=sep)
     refs = _as_list(ref)
@@ -153,7 +176,7 @@ def run_one(path: str, stage: int, mode: str, dtype: str, args, copy_gbs: float)
     t = time_fn(bench, args.device, warmup=args.warmup, runs=args.runs, budget_s=args.budget_s)
     elt = x.element_size()
     n = x.numel()
-    n_out = 1 if path == "fused_deploy" else 3
+    n_out = 1 if path in DEPLOY_PATHS else 3
     min_bytes = n * elt * (1 + n_out) * (1 if mode == "fwd" else 3)  # fwdbwd: rough (x, outs, grads)
     gbs = min_bytes / (t["median_ms"] * 1e-3) / 1e9
     fmas = n * (2 * K * K * nk + K * K) * (1 if mode == "fwd" else 3)

@@ -133,9 +133,10 @@ def test_sw_op_smoke(tmp_path):
     _needs_triton()
     proc, records = _smoke("gpu_sw_op.py", tmp_path)
     assert proc.returncode == 0, _log(proc)
-    assert len(records) == 2 * 2 * 1 * 5  # modes x dtypes x stage 4 x paths
+    paths = {"fused", "fused_deploy", "deploy_sum", "torch_deploy_cl", "torch_strips", "torch_strips_cl", "reference"}
+    assert len(records) == 2 * 2 * 1 * len(paths)  # modes x dtypes x stage 4 x paths
     _check_common(records, interpret=True)
-    assert {r["path"] for r in records} == {"fused", "fused_deploy", "torch_strips", "torch_strips_cl", "reference"}
+    assert {r["path"] for r in records} == paths
     for r in records:
         assert r["error"] is None and r["skipped"] is None, r
         assert r["rel_err"] < TOL[r["dtype"]], r
@@ -149,7 +150,7 @@ def test_sw_op_smoke(tmp_path):
 def test_smoke_without_interpreter_skips_triton_paths(tmp_path):
     """Without TRITON_INTERPRET the Triton paths are skipped (noted, recorded), not measured as PyTorch."""
     for script, triton_paths in (("gpu_dwconv_table1.py", {"triton", "triton_cl"}),
-                                 ("gpu_sw_op.py", {"fused", "fused_deploy"})):
+                                 ("gpu_sw_op.py", {"fused", "fused_deploy", "deploy_sum"})):
         proc, records = _smoke(script, tmp_path, "--modes", "fwd", "--dtypes", "fp32", interpret=False)
         assert proc.returncode == 0, _log(proc)
         assert "note:" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout
