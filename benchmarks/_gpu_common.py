@@ -59,6 +59,30 @@ def resolve_common(args: argparse.Namespace, result_name: str) -> str | None:
     return None
 
 
+def parse_with_defaults(ap: argparse.ArgumentParser, argv: list[str] | None, defaults: dict,
+                        presets=None) -> argparse.Namespace:
+    """Parse; ``presets(args)`` (if given) may fill options first (e.g. ``--quick``); every option still unset
+    then takes its ``(full run, --smoke)`` default from ``defaults``."""
+    args = ap.parse_args(argv)
+    if presets is not None:
+        presets(args)
+    for name, (full, smoke) in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, smoke if args.smoke else full)
+    return args
+
+
+def start_run(args: argparse.Namespace, script: str, result_name: str) -> dict | None:
+    """Resolve device/out, set the backends and return the ``env`` block; None (after saying why) when the run
+    cannot go ahead."""
+    problem = resolve_common(args, result_name)
+    if problem:
+        print(f"{script}: {problem}")
+        return None
+    setup_backends(args.device)
+    return environment(args.device, args.smoke)
+
+
 def setup_backends(device: str) -> None:
     """fp32 means fp32 for every path (no TF32 in cuDNN or matmuls); cuDNN picks its fastest algorithms."""
     torch.backends.cudnn.benchmark = True

@@ -40,12 +40,11 @@ from _gpu_common import (  # noqa: E402
     add_common_args,
     append_json,
     empty_cache,
-    environment,
     error_text,
     fmt,
+    parse_with_defaults,
     rel_err,
-    resolve_common,
-    setup_backends,
+    start_run,
     time_fn,
     triton_skip_reason,
 )
@@ -151,6 +150,13 @@ def _strip(text: str) -> tuple[int, int]:
     return kh, kw
 
 
+def _quick_preset(args: argparse.Namespace) -> None:
+    if args.quick:
+        args.res = args.res or [16, 32]
+        args.kernels = args.kernels or [7, 13, 31]
+        args.runs = args.runs or 3
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--res", type=int, nargs="+", help="resolutions R (default 16 32 64; smoke: 8)")
@@ -170,14 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="a path slower than this per call is not run at larger kernels (same mode/dtype/R)")
     ap.add_argument("--quick", action="store_true", help="R in {16, 32}, K in {7, 13, 31} + strips, 3 runs")
     add_common_args(ap, RESULT_NAME)
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.res = args.res or [16, 32]
-        args.kernels = args.kernels or [7, 13, 31]
-        args.runs = args.runs or 3
-    for name, (full, smoke) in DEFAULTS.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, smoke if args.smoke else full)
+    args = parse_with_defaults(ap, argv, DEFAULTS, presets=_quick_preset)
     if args.no_strips:
         args.strips = []
     return args
@@ -185,12 +184,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    problem = resolve_common(args, RESULT_NAME)
-    if problem:
-        print(f"gpu_dwconv_table1: {problem}")
+    env = start_run(args, "gpu_dwconv_table1", RESULT_NAME)
+    if env is None:
         return 1
-    setup_backends(args.device)
-    env = environment(args.device, args.smoke)
     print(json.dumps(env))
     print(f"gpu_dwconv_table1: writing {args.out}")
     deadline = Deadline(args.time_limit_s)

@@ -44,12 +44,11 @@ from _gpu_common import (  # noqa: E402
     add_common_args,
     append_json,
     empty_cache,
-    environment,
     error_text,
     fmt,
+    parse_with_defaults,
     rel_err,
-    resolve_common,
-    setup_backends,
+    start_run,
     time_fn,
 )
 
@@ -264,23 +263,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="on CPU under TRITON_INTERPRET=1: route the models' dispatchers to the Triton kernels as on "
                          "CUDA (slow: minutes even for the smoke models at --res 32)")
     add_common_args(ap, RESULT_NAME)
-    args = ap.parse_args(argv)
-    for name, (full, smoke) in DEFAULTS.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, smoke if args.smoke else full)
-    return args
+    return parse_with_defaults(ap, argv, DEFAULTS)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    problem = resolve_common(args, RESULT_NAME)
-    if problem:
-        print(f"gpu_models: {problem}")
+    env = start_run(args, "gpu_models", RESULT_NAME)
+    if env is None:
         return 1
     import lkvision
 
-    setup_backends(args.device)
-    env = environment(args.device, args.smoke)
     print(json.dumps(env))
     print(f"gpu_models: writing {args.out}")
     deadline = Deadline(args.time_limit_s)

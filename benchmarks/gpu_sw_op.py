@@ -41,12 +41,11 @@ from _gpu_common import (  # noqa: E402
     append_json,
     copy_bandwidth_gbs,
     empty_cache,
-    environment,
     error_text,
     fmt,
+    parse_with_defaults,
     rel_err,
-    resolve_common,
-    setup_backends,
+    start_run,
     time_fn,
     triton_skip_reason,
 )
@@ -195,21 +194,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--runs", type=int, help="default 20 (smoke: 1)")
     ap.add_argument("--budget-s", type=float, help="time budget per measurement (default 5)")
     add_common_args(ap, RESULT_NAME)
-    args = ap.parse_args(argv)
-    for name, (full, smoke) in DEFAULTS.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, smoke if args.smoke else full)
-    return args
+    return parse_with_defaults(ap, argv, DEFAULTS)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    problem = resolve_common(args, RESULT_NAME)
-    if problem:
-        print(f"gpu_sw_op: {problem}")
+    env = start_run(args, "gpu_sw_op", RESULT_NAME)
+    if env is None:
         return 1
-    setup_backends(args.device)
-    env = environment(args.device, args.smoke)
     copy_gbs = copy_bandwidth_gbs(args.device)
     env["copy_GBs"] = copy_gbs
     print(json.dumps(env))

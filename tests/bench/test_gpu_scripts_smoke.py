@@ -216,6 +216,9 @@ def test_run_gpu_all_smoke_step(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, _log(proc)
     records = json.loads((tmp_path / "gpu_sw_op.json").read_text())
-    assert len(records) == 20 and all(r["error"] is None for r in records)
+    n_paths = len(json.loads(subprocess.run(
+        [sys.executable, "-c", "import json, gpu_sw_op; print(json.dumps(gpu_sw_op.PATHS))"], cwd=BENCH,
+        env=_env(False), capture_output=True, text=True, check=True).stdout))
+    assert len(records) == 2 * 2 * n_paths and all(r["error"] is None for r in records)  # modes x dtypes x paths
     log = (tmp_path / "logs" / "sw_op.log").read_text()
     assert "summary:" in log and "end sw_op: rc 0" in log
