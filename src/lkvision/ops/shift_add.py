@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import autoselect
 from .dwconv import DWCONV_IMPLS, dwconv2d, normalize_padding
-from .kernels._common import autocast_inputs
+from .kernels._common import autocast_dtype, autocast_inputs
 
 __all__ = [
     "shift_offsets", "num_blocks", "make_shift_tables", "shift_add", "fold_shiftwise_weight", "strip_paddings",
@@ -409,7 +409,7 @@ def shiftwise_conv(x: Tensor, weight: Tensor, pad_hv: Tensor, idx_identit: Tenso
     if weight.dim() != 4 or tuple(weight.shape) != (r * nk, 1, k, k):
         raise ValueError(f"shiftwise_conv: weight must have shape (R*nk, 1, k, k) = ({r * nk}, 1, {k}, {k}) for "
                          f"R={r} input channels, M={big_kernel}, k={k}; got {tuple(weight.shape)}")
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = autocast_dtype(x.device.type) is not None
     if weight.dtype != x.dtype and not autocast:
         raise TypeError(f"shiftwise_conv: weight dtype {weight.dtype} differs from input dtype {x.dtype}")
     _check_tables(pad_hv, idx_identit, r, nk)

@@ -84,6 +84,17 @@ def check_depthwise_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         raise TypeError(f"unsupported dtype {x.dtype}; the Triton kernels support float32/float16/bfloat16")
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype when autocast is enabled for ``device_type``, else None (also for device types that
+    autocast does not know, such as ``meta``, used by the FLOP/parameter counters)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # "unknown device type for autocast"
+        pass
+    return None
+
+
 def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Apply autocast's policy for convolutions to a custom conv op's tensors.
 
@@ -91,9 +102,8 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
     its weight is an fp32 parameter (or the reverse). When autocast is enabled for the device of the first
     tensor, every fp32/fp16/bf16 tensor is cast to the autocast dtype, as ``F.conv2d`` would be; fp64 and
     ``None`` pass through. Outside autocast the tensors are returned unchanged."""
-    dev = tensors[0].device.type
-    if not torch.is_autocast_enabled(dev):
+    dtype = autocast_dtype(tensors[0].device.type)
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(dev)
     return tuple(t.to(dtype) if t is not None and t.dtype in SUPPORTED_DTYPES and t.dtype != dtype else t
                  for t in tensors)
