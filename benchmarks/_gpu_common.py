@@ -111,6 +111,15 @@ class Deadline:
                 print(f"  not run: {w}")
 
 
+def finish_run(script: str, rows: list[dict], deadline: Deadline, out) -> int:
+    """The end of every GPU script: what the time limit left out, a one-line summary; exit code 1 on errors."""
+    deadline.report(script)
+    n_err = sum(r["error"] is not None for r in rows)
+    n_skip = sum(r["skipped"] is not None for r in rows)
+    print(f"{script}: {len(rows)} records ({n_err} errors, {n_skip} skipped) in {out}")
+    return 1 if n_err else 0
+
+
 # ------------------------------------------------------------------------------------------ environment
 def _cpu_name() -> str:
     try:

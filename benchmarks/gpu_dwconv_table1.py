@@ -41,6 +41,7 @@ from _gpu_common import (  # noqa: E402
     append_json,
     empty_cache,
     error_text,
+    finish_run,
     fmt,
     parse_with_defaults,
     rel_err,
@@ -226,11 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "depth": args.depth})
                         print(json.dumps(row), flush=True)
     print_table(rows)
-    deadline.report("gpu_dwconv_table1")
-    n_err = sum(r["error"] is not None for r in rows)
-    print(f"gpu_dwconv_table1: {len(rows)} records ({n_err} errors, "
-          f"{sum(r['skipped'] is not None for r in rows)} skipped) in {args.out}")
-    return 1 if n_err else 0
+    return finish_run("gpu_dwconv_table1", rows, deadline, args.out)
 
 
 if __name__ == "__main__":

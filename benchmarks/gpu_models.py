@@ -45,6 +45,7 @@ from _gpu_common import (  # noqa: E402
     append_json,
     empty_cache,
     error_text,
+    finish_run,
     fmt,
     parse_with_defaults,
     rel_err,
@@ -314,11 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                     append_json(args.out, {**row, "env": env})
                     print(json.dumps(row), flush=True)
     print_table(rows, args.baseline)
-    deadline.report("gpu_models")
-    n_err = sum(r["error"] is not None for r in rows)
-    print(f"gpu_models: {len(rows)} records ({n_err} errors, {sum(r['skipped'] is not None for r in rows)} "
-          f"skipped) in {args.out}")
-    return 1 if n_err else 0
+    return finish_run("gpu_models", rows, deadline, args.out)
 
 
 if __name__ == "__main__":

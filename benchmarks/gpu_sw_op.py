@@ -42,6 +42,7 @@ from _gpu_common import (  # noqa: E402
     copy_bandwidth_gbs,
     empty_cache,
     error_text,
+    finish_run,
     fmt,
     parse_with_defaults,
     rel_err,
@@ -243,11 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(head + fmt(r["median_ms"], ">10.3f") + fmt(r["achieved_GBs"], ">9.0f")
               + fmt(100 * r["frac_of_copy_bw"], ">7.1f") + fmt(r["TFMA_per_s"], ">8.2f") + fmt(r["rel_err"], ">10.1e"))
-    deadline.report("gpu_sw_op")
-    n_err = sum(r["error"] is not None for r in rows)
-    print(f"gpu_sw_op: {len(rows)} records ({n_err} errors, {sum(r['skipped'] is not None for r in rows)} "
-          f"skipped) in {args.out}")
-    return 1 if n_err else 0
+    return finish_run("gpu_sw_op", rows, deadline, args.out)
 
 
 if __name__ == "__main__":

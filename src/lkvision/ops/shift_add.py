@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import autoselect
-from .dwconv import DWCONV_IMPLS, dwconv2d, normalize_padding
+from .dwconv import DWCONV_IMPLS, _device_name, _memory_layout, dwconv2d, normalize_padding
 from .kernels._common import autocast_dtype, autocast_inputs
 
 __all__ = [
@@ -368,11 +368,11 @@ def _require_kernels(x: Tensor, what: str):
 
 
 def _sw_key(x: Tensor, kernels: tuple[Tensor, ...], extra: tuple) -> tuple:
-    """autoselect key: device, dtype, layout, shape, kernel shapes, training or not."""
+    """autoselect key: device (and GPU name), dtype, layout, shape, kernel shapes, training or not (the same
+    parts as dwconv2d's key, so that a saved table never matches on another GPU)."""
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *kernels))
-    layout = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else "contiguous" if x.is_contiguous() else "strided"
-    return (str(x.device), x.dtype, layout, tuple(x.shape), *(tuple(t.shape) for t in kernels), *extra, train)
+    return (str(x.device), _device_name(x.device), x.dtype, _memory_layout(x), tuple(x.shape),
+            *(tuple(t.shape) for t in kernels), *extra, train)
 
 
 def shiftwise_strips(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, big_kernel: int, small_kernel: int = 3,

@@ -558,24 +558,27 @@ def _(x, weight, bias, padding):
                        memory_format=fmt)
 
 
-def _grad_input_terms(grad_out: Tensor, weights: Sequence[Tensor], paddings: Sequence[Sequence[int]],
-                      input_hw: Sequence[int], channels_last: bool) -> Tensor:
-    """dx of ``sum_t pad_t+conv(x, w_t)``: the sum of full correlations of ``grad_out`` with the flipped
-    kernels, cropped to the input (one fused launch on the kernels' device)."""
+def _grad_input_terms(grads: Sequence[Tensor], weights: Sequence[Tensor], paddings: Sequence[Sequence[int]],
+                      input_hw: Sequence[int], channels_last: bool, add_identity: bool = False) -> Tensor:
+    """dx of ``sum_t pad_t+conv(x, w_t)`` whose term t receives the output gradient ``grads[t]`` (the same
+    tensor for a summed output): the sum of full correlations of the gradients with the flipped kernels,
+    cropped to the input, plus ``grads[0]`` for an identity term (one fused launch on the kernels' device)."""
     h_in, w_in = (int(v) for v in input_hw)
     flipped = [w.flip((-2, -1)) for w in weights]
     offsets = [(w.shape[-2] - 1 - pad[2], w.shape[-1] - 1 - pad[0]) for w, pad in zip(weights, paddings)]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if not _use_kernels(grad_out):
-        gx = None
-        for wf, (top, left) in zip(flipped, offsets):
-            pad_t = (left, w_in - 1 - grad_out.shape[3] + wf.shape[-1] - left,
-                     top, h_in - 1 - grad_out.shape[2] + wf.shape[-2] - top)
-            t = dwconv2d_reference(grad_out, wf, None, pad_t)
+    if not _use_kernels(grads[0]):
+        gx = grads[0] if add_identity else None
+        for g, wf, (top, left) in zip(grads, flipped, offsets):
+            pad_t = (left, w_in - 1 - g.shape[3] + wf.shape[-1] - left,
+                     top, h_in - 1 - g.shape[2] + wf.shape[-2] - top)
+            t = dwconv2d_reference(g, wf, None, pad_t)
             gx = t if gx is None else gx + t
         return gx.contiguous(memory_format=fmt)
-    gx = dwconv_forward_terms([grad_out] * len(flipped), flipped, offsets, (h_in, w_in),
-                              channels_last=channels_last)[0]
+    laid_out = {id(g): g.contiguous(memory_format=fmt) for g in grads}  # one copy per distinct gradient
+    grads = [laid_out[id(g)] for g in grads]
+    gx = dwconv_forward_terms(grads, flipped, offsets, (h_in, w_in), channels_last=channels_last,
+                              identity=grads[0] if add_identity else None)[0]
     return gx.contiguous(memory_format=fmt)
 
 
@@ -584,7 +587,7 @@ def _grad_input_terms(grad_out: Tensor, weights: Sequence[Tensor], paddings: Seq
                                 "bool channels_last) -> Tensor")
 def _dwconv2d_grad_input_op(grad_out: Tensor, weight: Tensor, padding: Sequence[int], input_hw: Sequence[int],
                             channels_last: bool) -> Tensor:
-    return _grad_input_terms(grad_out, [weight], [padding], input_hw, channels_last)
+    return _grad_input_terms([grad_out], [weight], [padding], input_hw, channels_last)
 
 
 @_dwconv2d_grad_input_op.register_fake
@@ -674,7 +677,8 @@ def _(x, weights, bias, paddings):
                                 "bool channels_last) -> Tensor")
 def _dwconv2d_sum_grad_input_op(grad_out: Tensor, weights: Sequence[Tensor], paddings: Sequence[int],
                                 input_hw: Sequence[int], channels_last: bool) -> Tensor:
-    return _grad_input_terms(grad_out, weights, _split_paddings(paddings), input_hw, channels_last)
+    return _grad_input_terms([grad_out] * len(weights), weights, _split_paddings(paddings), input_hw,
+                             channels_last)
 
 
 @_dwconv2d_sum_grad_input_op.register_fake

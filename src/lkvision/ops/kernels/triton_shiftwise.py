@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ._common import SUPPORTED_DTYPES, autocast_inputs, is_channels_last
-from .triton_dwconv import _use_kernels, dwconv2d_reference, dwconv_forward_terms
+from .triton_dwconv import _grad_input_terms, _use_kernels, dwconv2d_reference, dwconv_forward_terms
 
 __all__ = ["shiftwise_strips", "shiftwise_strips_reference", "strip_paddings"]
 
@@ -135,27 +135,8 @@ def _(x, kh, kv, ks, bias, big_kernel):
 def _shiftwise_grad_input_op(gh: Tensor, gv: Tensor, gs: Tensor, kh: Tensor, kv: Tensor, ks: Tensor,
                              big_kernel: int, add_identity: bool, channels_last: bool) -> Tensor:
     """dx = H^T gh + V^T gv + S^T gs (+ gh when add_identity; the deploy form passes gh = gv = gs = g)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    weights = [kh, kv, ks]
-    if not _use_kernels(gh):
-        pads = strip_paddings(kh.shape[2], kh.shape[3], big_kernel)
-        gx = None
-        for g, w, (left, _, top, _) in zip((gh, gv, gs), weights, pads):
-            kh_, kw_ = w.shape[-2:]
-            adj = (kw_ - 1 - left, left, kh_ - 1 - top, top)  # full correlation, cropped to the input
-            t = dwconv2d_reference(g, w.flip((-2, -1)), None, adj)
-            gx = t if gx is None else gx + t
-        if add_identity:
-            gx = gx + gh
-        return gx.contiguous(memory_format=fmt)
-    grads = [g.contiguous(memory_format=fmt) for g in (gh, gv, gs)]
-    if add_identity and gh is gv and gv is gs:
-        grads = [grads[0]] * 3
-    offs = [(w.shape[-2] - 1 - top, w.shape[-1] - 1 - left)
-            for w, (top, left) in zip(weights, _offsets(kh, big_kernel))]
-    flipped = [w.flip((-2, -1)) for w in weights]
-    return dwconv_forward_terms(grads, flipped, offs, tuple(gh.shape[-2:]), channels_last=channels_last,
-                                identity=grads[0] if add_identity else None)[0]
+    return _grad_input_terms([gh, gv, gs], [kh, kv, ks], strip_paddings(kh.shape[2], kh.shape[3], big_kernel),
+                             gh.shape[-2:], channels_last, add_identity)
 
 
 @_shiftwise_grad_input_op.register_fake
