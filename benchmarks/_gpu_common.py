@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from lkvision.fileio import atomic_write_json
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -261,12 +263,9 @@ def _copy_ms(device: str, nbytes: int) -> float:
 # ------------------------------------------------------------------------------------------ results
 def append_json(path: Path, record: dict) -> None:
     """Append one record to a JSON list file (created on first use), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(path.read_text()) if path.exists() else []
     data.append(record)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

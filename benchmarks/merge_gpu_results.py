@@ -17,6 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _gpu_common import RESULTS  # noqa: E402
 
+from lkvision.fileio import atomic_write_json  # noqa: E402
+
 NAMES = ("gpu_dwconv_table1.json", "gpu_sw_op.json", "gpu_models.json")
 
 
@@ -39,10 +41,7 @@ def merge(sources: list[Path], into: Path) -> dict[str, int]:
                     rows.append(r)
                     n += 1
         if n:
-            into.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".tmp")
-            tmp.write_text(json.dumps(rows, indent=1))
-            tmp.replace(dest)
+            atomic_write_json(dest, rows, indent=1)
         added[name] = n
     return added
 

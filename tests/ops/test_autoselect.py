@@ -291,10 +291,12 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
     A.save_table(path)
     old = path.read_text()
 
-    def broken_dump(*args, **kwargs):
+    def broken_fsync(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(A.json, "dump", broken_dump)
+    import lkvision.fileio
+
+    monkeypatch.setattr(lkvision.fileio.os, "fsync", broken_fsync)  # the write fails before the rename
     with pytest.raises(OSError, match="disk full"):
         A.save_table(path)
     assert path.read_text() == old

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+
+from ..fileio import atomic_path, atomic_write_text
 
 __all__ = [
     "format_table", "save_csv", "save_json", "plot_erf_maps", "plot_kernel_maps", "plot_sparsity",
@@ -45,23 +48,17 @@ def format_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) 
 
 
 def save_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        for r in rows:
-            w.writerow(dict(r))
-    return path
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    w.writerows(dict(r) for r in rows)
+    return atomic_write_text(path, buf.getvalue())
 
 
 def save_json(obj, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
     def default(o):
         if isinstance(o, torch.Tensor):
             return o.tolist()
@@ -69,8 +66,7 @@ def save_json(obj, path: str | Path) -> Path:
             return str(o)
         return str(o)
 
-    path.write_text(json.dumps(obj, indent=2, default=default))
-    return path
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=default) + "\n")
 
 
 def _save_figure(fig, path: str | Path, suptitle: str | None = None) -> Path:
@@ -78,11 +74,12 @@ def _save_figure(fig, path: str | Path, suptitle: str | None = None) -> Path:
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        _plt().close(fig)
+    return Path(path)
 
 
 def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+
+from ..fileio import atomic_write_text
 
 __all__ = ["main"]
 
@@ -27,9 +28,7 @@ def _save(out: str | None, payload: dict, argv: list[str]) -> None:
     payload = dict(payload)
     payload["environment"] = environment(payload.get("device", "cpu"))
     payload["command"] = " ".join(["lkvision", "bench", *argv])
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str))
+    path = atomic_write_text(out, json.dumps(payload, indent=2, default=str) + "\n")
     print(f"wrote {path}")
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fileio import atomic_path
+
 __all__ = ["export_onnx", "export_program", "plain_dwconv", "OnnxExport", "ExportError", "example_input"]
 
 
@@ -131,12 +133,10 @@ def export_onnx(
         dyn = None
         if dynamic_batch:
             dyn = {"input": {0: "batch"}, **{n: {0: "batch"} for n in out_names}}
-        tmp = path.with_name(path.name + ".tmp")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), atomic_path(path) as tmp:
             warnings.simplefilter("ignore")  # tracer warnings about input-shape checks
             torch.onnx.export(deploy, (x,), str(tmp), opset_version=opset, dynamo=False, input_names=["input"],
                               output_names=out_names, dynamic_axes=dyn, do_constant_folding=True)
-    os.replace(tmp, path)
 
     import onnx
 

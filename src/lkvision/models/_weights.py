@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..fileio import atomic_path
+
 __all__ = ["load_state_dict_file", "load_weights", "save_weights", "check_state_dict", "CheckpointError"]
 
 
@@ -86,14 +88,12 @@ def load_weights(model: nn.Module, path_or_sd, strict: bool = True) -> nn.Module
 
 
 def save_weights(model_or_sd, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write weights as safetensors atomically (temp file in the same folder, then rename)."""
+    """Write weights as safetensors atomically (:func:`lkvision.fileio.atomic_path`)."""
     from safetensors.torch import save_file
 
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else dict(model_or_sd)
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(sd, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=metadata)
     return path

@@ -58,13 +58,14 @@ import logging
 import os
 import platform
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
+
+from ..fileio import atomic_write_json
 
 __all__ = ["choose", "candidate", "measure", "measuring_allowed", "save_table", "load_table", "clear_cache",
            "cache_table", "TABLE_FORMAT", "TABLE_VERSION", "WARMUP", "REPEATS"]
@@ -377,23 +378,7 @@ def save_table(path: str | os.PathLike) -> None:
                    for (op, key), e in _cache.items()]
     doc = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "torch": torch.__version__,
            "device": _device_description(), "entries": entries}
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".autoselect-", suffix=".json.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_json(path, doc, indent=1)
 
 
 def _tuplify(v: Any) -> Any:

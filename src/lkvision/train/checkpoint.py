@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..fileio import atomic_path
+
 __all__ = ["save_checkpoint", "load_checkpoint", "find_latest", "rng_state", "set_rng_state",
            "prune_checkpoints", "atomic_torch_save", "weights_path"]
 
@@ -39,10 +41,8 @@ def weights_path(state_path: str | os.PathLike) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
     return path
 
 

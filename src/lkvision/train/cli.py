@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..fileio import atomic_write_json
 from .config import ConfigError, describe_fields, list_recipes, load_recipe, make_config, parse_set
 
 __all__ = ["train_main", "eval_main", "build_train_parser", "build_eval_parser"]
@@ -157,7 +158,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write_json(args.json, result)
     return 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
+import io
 import math
 import sys
 import time
@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data import ResumableSampler, build_datasets, build_mixup, build_train_loss
+from ..fileio import atomic_write_json, atomic_write_text
 from .checkpoint import find_latest, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed, unwrap_model
@@ -185,17 +186,12 @@ def _write_metrics(output: Path, hist: _History, summary: dict | None) -> None:
         keys: list[str] = []
         for row in hist.epochs:
             keys += [k for k in row if k not in keys]
-        tmp = output / ".metrics.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            for row in hist.epochs:
-                w.writerow(row)
-        tmp.replace(output / "metrics.csv")
-    payload = {"epochs": hist.epochs, "summary": summary or {}}
-    tmp = output / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(output / "metrics.json")
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+        w.writeheader()
+        w.writerows(hist.epochs)
+        atomic_write_text(output / "metrics.csv", buf.getvalue())
+    atomic_write_json(output / "metrics.json", {"epochs": hist.epochs, "summary": summary or {}})
 
 
 def train(cfg: TrainConfig, info: DistInfo | None = None) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_path
+
 __all__ = ["plot_curves"]
 
 
@@ -41,7 +43,6 @@ def plot_curves(steps: list[list[float]], epochs: list[dict[str, Any]], path: st
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     return path

@@ -1,0 +1,68 @@
+"""The one atomic-write helper: complete file or old file, never a half-written one."""
+
+import json
+import os
+
+import pytest
+
+from lkvision.fileio import atomic_path, atomic_write_json, atomic_write_text
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name)
+
+
+def test_writes_and_replaces(tmp_path):
+    target = tmp_path / "sub" / "metrics.json"
+    atomic_write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    assert _leftovers(target.parent) == []
+
+
+def test_failure_keeps_old_file_and_removes_temp(tmp_path):
+    target = tmp_path / "weights.safetensors"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old"
+    assert _leftovers(tmp_path) == []
+
+
+def test_keyboard_interrupt_also_cleans_up(tmp_path):
+    target = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"x")
+            raise KeyboardInterrupt
+    assert not target.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_temp_keeps_suffix_and_sits_beside_target(tmp_path):
+    target = tmp_path / "curves.png"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".png" and tmp.name.startswith(".curves.")
+        tmp.write_bytes(b"png")
+    assert target.read_bytes() == b"png"
+
+
+def test_writer_that_writes_nothing_is_an_error(tmp_path):
+    target = tmp_path / "x.json"
+    with pytest.raises(FileNotFoundError, match="did not create"):
+        with atomic_path(target) as tmp:
+            tmp.unlink()
+    assert not target.exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_permissions_follow_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        target = atomic_write_text(tmp_path / "f.txt", "x")
+    finally:
+        os.umask(old)
+    assert (target.stat().st_mode & 0o777) == 0o644
