@@ -20,6 +20,8 @@ import time
 import torch
 from torch import nn
 
+from .cli import command
+
 __all__ = ["main", "randomize_statistics"]
 
 
@@ -71,6 +73,7 @@ def _merged_params(model: nn.Module) -> int:
     return n
 
 
+@command("lkvision demo")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lkvision demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="sw_tiny", help="registered model name (default: sw_tiny)")
@@ -88,19 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import json
-
     import lkvision
+    from lkvision.analysis.cli import build_model, parse_model_kwargs
     from lkvision.utils import count_macs, count_params
 
-    extra = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    extra = parse_model_kwargs(args.model_kwargs)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    try:
-        model = lkvision.create_model(args.model, **extra)
-    except (ValueError, TypeError) as e:
-        print(f"lkvision demo: error: {e}", file=sys.stderr)
-        return 2
+    model = build_model(args.model, None, extra)
     randomize_statistics(model, args.seed).eval()
     x = torch.randn(args.batch, model.in_chans, args.img_size, args.img_size,
                     generator=torch.Generator().manual_seed(args.seed + 1))

@@ -66,16 +66,16 @@ def test_convert_errors(golden, tmp_path, capsys):
     dst = tmp_path / "x.safetensors"
     # wrong architecture: the error names the missing/unexpected official keys
     assert main(["--family", "sw", "--src", str(src), "--dst", str(dst), "--model", "sw_femto",
-                 "--kwargs", '{"depths": [1, 1, 1, 1]}']) == 1
+                 "--kwargs", '{"depths": [1, 1, 1, 1]}']) == 2
     err = capsys.readouterr().err
     assert "unexpected keys" in err and "stages.2.1." in err
     assert not dst.exists()
-    assert main(["--family", "nope", "--src", str(src), "--dst", str(dst), "--model", "x"]) == 1
+    assert main(["--family", "nope", "--src", str(src), "--dst", str(dst), "--model", "x"]) == 2
     assert "unknown family" in capsys.readouterr().err
-    assert main(["--family", "sw", "--src", str(src), "--dst", str(dst), "--model", "sw_huge"]) == 1
+    assert main(["--family", "sw", "--src", str(src), "--dst", str(dst), "--model", "sw_huge"]) == 2
     assert "unknown shiftwise model" in capsys.readouterr().err
     assert main(["--family", "sw", "--src", str(tmp_path / "missing.pth"), "--dst", str(dst),
-                 "--kwargs", json.dumps(kwargs)]) == 1
+                 "--kwargs", json.dumps(kwargs)]) == 2
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--family", "sw", "--src", str(src), "--dst", str(dst)])  # no --model/--kwargs

@@ -8,82 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from torch import nn
 
-from lkvision.layers import DropPath, LayerNorm2d
-from lkvision.models import CheckpointError, LargeKernelNet, list_models, register_model
+from lkvision.models import CheckpointError
 from lkvision.train import ConfigError, make_config, train
 from lkvision.train.checkpoint import find_latest, load_checkpoint
 from lkvision.train.cli import eval_main, train_main
 from lkvision.train.config import list_recipes, load_recipe, parse_set
 from lkvision.train.optim import lr_at, param_groups
 
-TINY = "lkv_test_tiny_train"
-TINY_WIDE = "lkv_test_tiny_train_wide"
-
-
-# --------------------------------------------------------------------------------------- a tiny test model
-class _Block(nn.Module):
-    """x + DropPath(pw2(GELU(pw1(LN(dw7x7(x)))))): (B, C, H, W) -> (B, C, H, W). No BatchNorm."""
-
-    def __init__(self, dim: int, kernel: int, drop_path: float) -> None:
-        super().__init__()
-        self.dw = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
-        self.norm = LayerNorm2d(dim)
-        self.pw1 = nn.Conv2d(dim, 2 * dim, 1)
-        self.pw2 = nn.Conv2d(2 * dim, dim, 1)
-        self.drop = DropPath(drop_path)
-
-    def forward(self, x):
-        return x + self.drop(self.pw2(nn.functional.gelu(self.pw1(self.norm(self.dw(x))))))
-
-
-class TinyTrainNet(LargeKernelNet):
-    """Stride-4 stem, two 7x7-DW stages (strides 4, 8), mean-pool head. (B, in_chans, H, W) -> (B, classes)."""
-
-    min_input_size = 8
-
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, drop_path_rate: float = 0.0, dim: int = 24):
-        super().__init__()
-        self.in_chans, self.num_classes, self.num_features = in_chans, num_classes, 2 * dim
-        self.stem = nn.Conv2d(in_chans, dim, 4, 4)
-        self.stage0 = nn.Sequential(_Block(dim, 7, 0.0))
-        self.down = nn.Conv2d(dim, 2 * dim, 2, 2)
-        self.stage1 = nn.Sequential(_Block(2 * dim, 7, drop_path_rate))
-        self.head = nn.Linear(2 * dim, num_classes)
-        self.feature_info = [dict(num_chs=dim, reduction=4, module="stage0"),
-                             dict(num_chs=2 * dim, reduction=8, module="stage1")]
-        self._init_features_mode(False, None)
-
-    def stage_pairs(self):
-        return [(self.stem, self.stage0), (self.down, self.stage1)]
-
-    def forward_head(self, x, pre_logits: bool = False):
-        x = x.mean((2, 3))
-        return x if pre_logits else self.head(x)
-
-
-if TINY not in list_models(TINY):
-    @register_model
-    def lkv_test_tiny_train(pretrained: bool = False, **kwargs) -> TinyTrainNet:
-        return TinyTrainNet(**kwargs)
-
-    @register_model
-    def lkv_test_tiny_train_wide(pretrained: bool = False, **kwargs) -> TinyTrainNet:
-        return TinyTrainNet(dim=32, **kwargs)
-
-
-def _cfg(out, **kw):
-    base = dict(model=TINY, output=str(out), input_size=32, bundled_distractors=1, train_subset=256,
-                val_subset=200, batch_size=32, epochs=2, lr=4e-3, warmup_epochs=0.5, workers=0,
-                progress=False, plot=False, reparam_check=False, threads=1, log_every=0)
-    base.update(kw)
-    return make_config("default", base)
-
-
-def _weights(path):
-    return load_file(str(path))
+from ._tiny import TINY, TINY_WIDE, TinyTrainNet, quick_cfg, weights_of
 
 
 # --------------------------------------------------------------------------------------------- recipes
@@ -153,7 +86,7 @@ def test_param_groups_no_decay_and_layer_decay():
 # --------------------------------------------------------------------------------------- bundled training
 def test_two_epoch_bundled_run_learns_and_writes_everything(tmp_path, capsys):
     out = tmp_path / "run"
-    cfg = _cfg(out, train_subset=1000, val_subset=300, bundled_distractors=0, batch_size=16, lr=1e-2, epochs=2,
+    cfg = quick_cfg(out, train_subset=1000, val_subset=300, bundled_distractors=0, batch_size=16, lr=1e-2, epochs=2,
                plot=True, reparam_check=True)
     s = train(cfg)
     rows = json.loads((out / "metrics.json").read_text())["epochs"]
@@ -180,23 +113,24 @@ def test_two_epoch_bundled_run_learns_and_writes_everything(tmp_path, capsys):
                       "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "shape mismatch" in err and "stage1.0.dw.bias" in err
-    with pytest.raises(CheckpointError, match="stage1.0.dw.bias"):
-        train(_cfg(out, model=TINY_WIDE, batch_size=16, train_subset=1000, val_subset=300, resume="auto"))
+    # resuming it as another model: the checkpoint is not a candidate, and the error says why
+    with pytest.raises(CheckpointError, match="different run configuration.*model: checkpoint 'lkv_test_tiny_train'"):
+        train(quick_cfg(out, model=TINY_WIDE, batch_size=16, train_subset=1000, val_subset=300, resume="auto"))
 
 
 # ------------------------------------------------------------------------------------------ exact resume
 def test_resume_mid_epoch_is_bit_exact(tmp_path):
     kw = dict(drop_path=0.2, mixup=0.8, cutmix=1.0, ema=True, ema_decay=0.9, save_every_steps=3, keep_last=10,
               clip_grad=1.0)
-    straight = train(_cfg(tmp_path / "a", **kw))
+    straight = train(quick_cfg(tmp_path / "a", **kw))
     n = straight["steps"]
     assert n == 16
-    stopped = train(_cfg(tmp_path / "b", max_steps=5, **kw))  # "killed" mid-epoch 0 after step 5
+    stopped = train(quick_cfg(tmp_path / "b", max_steps=5, **kw))  # "killed" mid-epoch 0 after step 5
     assert stopped["stopped_early"] and stopped["steps"] == 5
     assert find_latest(tmp_path / "b").name == "ckpt-00000005.state.pt"
-    resumed = train(_cfg(tmp_path / "b", resume="auto", **kw))
+    resumed = train(quick_cfg(tmp_path / "b", resume="auto", **kw))
     assert resumed["steps"] == n
-    wa, wb = _weights(tmp_path / "a" / "final.safetensors"), _weights(tmp_path / "b" / "final.safetensors")
+    wa, wb = weights_of(tmp_path / "a" / "final.safetensors"), weights_of(tmp_path / "b" / "final.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     _, sa = load_checkpoint(tmp_path / "a" / f"ckpt-{n:08d}.state.pt")
     _, sb = load_checkpoint(tmp_path / "b" / f"ckpt-{n:08d}.state.pt")
@@ -210,8 +144,8 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path):
     c.mkdir()
     for suffix in (".safetensors", ".state.pt"):
         os.link(tmp_path / "a" / f"ckpt-00000003{suffix}", c / f"ckpt-00000003{suffix}")
-    train(_cfg(c, resume=str(c / "ckpt-00000003.state.pt"), **kw))
-    wc = _weights(c / "final.safetensors")
+    train(quick_cfg(c, resume=str(c / "ckpt-00000003.state.pt"), **kw))
+    wc = weights_of(c / "final.safetensors")
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
 
 
@@ -224,7 +158,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        cfg = _cfg(out, batch_size=8, train_subset=128, val_subset=64, epochs=1, warmup_epochs=0.25)
+        cfg = quick_cfg(out, batch_size=8, train_subset=128, val_subset=64, epochs=1, warmup_epochs=0.25)
         s = train(cfg, DistInfo(rank, world, rank, torch.device("cpu"), True, False))
         if rank == 0:
             Path(out, "summary.json").write_text(json.dumps(s))
@@ -235,12 +169,12 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
 def test_two_process_ddp_matches_single_process(tmp_path):
     import torch.multiprocessing as mp
 
-    single = train(_cfg(tmp_path / "one", batch_size=16, train_subset=128, val_subset=64, epochs=1,
+    single = train(quick_cfg(tmp_path / "one", batch_size=16, train_subset=128, val_subset=64, epochs=1,
                         warmup_epochs=0.25))
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), str(tmp_path / "two")), nprocs=2, join=True)
     multi = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert multi["world_size"] == 2 and multi["global_batch"] == 16 and multi["steps"] == single["steps"] == 8
-    w1, w2 = _weights(tmp_path / "one" / "final.safetensors"), _weights(tmp_path / "two" / "final.safetensors")
+    w1, w2 = weights_of(tmp_path / "one" / "final.safetensors"), weights_of(tmp_path / "two" / "final.safetensors")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
     assert multi["final"]["val_top1"] == pytest.approx(single["final"]["val_top1"], abs=1e-6)
@@ -260,7 +194,7 @@ def test_folder_training_with_timm_pipeline_counts_corrupt_images(tmp_path):
                 px[..., 0 if ci == 0 else 2] += 170
                 Image.fromarray(px.numpy()).save(d / f"{i}.png")
     (tmp_path / "data" / "train" / "red" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
-    cfg = _cfg(tmp_path / "run", data=str(tmp_path / "data"), model=TINY, batch_size=13, train_subset=None,
+    cfg = quick_cfg(tmp_path / "run", data=str(tmp_path / "data"), model=TINY, batch_size=13, train_subset=None,
                val_subset=None, epochs=1, mixup=0.0, cutmix=0.0, input_size=32, aa="rand-m9-mstd0.5-inc1",
                reprob=0.25)
     with pytest.warns(UserWarning, match="broken.jpg"):
@@ -268,16 +202,16 @@ def test_folder_training_with_timm_pipeline_counts_corrupt_images(tmp_path):
     assert s["skipped_images"] == 1 and s["steps"] == 1 and s["final"]["val_top1"] >= 0
     (tmp_path / "noval" / "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no 'val/' sub-folder"):
-        train(_cfg(tmp_path / "x", data=str(tmp_path / "noval")))
+        train(quick_cfg(tmp_path / "x", data=str(tmp_path / "noval")))
     with pytest.raises(FileNotFoundError, match="data folder not found"):
-        train(_cfg(tmp_path / "x", data=str(tmp_path / "missing")))
+        train(quick_cfg(tmp_path / "x", data=str(tmp_path / "missing")))
 
 
 # ---------------------------------------------------------------------------------------- sparse training
 def test_sparse_recipe_trains_and_masks_survive_resume(tmp_path):
     kw = dict(model="sw_femto", train_subset=64, val_subset=32, batch_size=16, epochs=2, warmup_epochs=0.5,
               sparse={"update_every": 2, "sync_gap": 2})
-    cfg = make_config("default_sparse", {**_cfg(tmp_path / "a").to_dict(), **kw, "output": str(tmp_path / "a")})
+    cfg = make_config("default_sparse", {**quick_cfg(tmp_path / "a").to_dict(), **kw, "output": str(tmp_path / "a")})
     assert cfg.sparse["enabled"] and cfg.sparse["sparsity"] == 0.3
     straight = train(cfg)
     cfg_b = make_config("default_sparse", {**cfg.to_dict(), "output": str(tmp_path / "b"), "max_steps": 3})
@@ -289,7 +223,7 @@ def test_sparse_recipe_trains_and_masks_survive_resume(tmp_path):
     ma, mb = sa["sparse"]["masks"], sb["sparse"]["masks"]
     assert ma and ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
     assert sa["sparse"]["updates"] == sb["sparse"]["updates"] >= 3
-    wa, wb = _weights(tmp_path / "a" / "final.safetensors"), _weights(tmp_path / "b" / "final.safetensors")
+    wa, wb = weights_of(tmp_path / "a" / "final.safetensors"), weights_of(tmp_path / "b" / "final.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not m.all() for m in ma.values())
     for k, m in ma.items():  # pruned filters are exact zeros in the saved weights
@@ -299,7 +233,7 @@ def test_sparse_recipe_trains_and_masks_survive_resume(tmp_path):
 # ------------------------------------------------------------------------------------- speed/memory options
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_accumulation_checkpointing_layer_decay_options_run(tmp_path, amp):
-    cfg = _cfg(tmp_path, amp=amp, channels_last=True, grad_checkpointing=True, update_freq=2, layer_decay=0.7,
+    cfg = quick_cfg(tmp_path, amp=amp, channels_last=True, grad_checkpointing=True, update_freq=2, layer_decay=0.7,
                clip_grad=0.5, ema=True, batch_size=16, train_subset=64, val_subset=32, epochs=1, mixup=0.8,
                cutmix=1.0, reparam_check=True)
     s = train(cfg)
@@ -313,7 +247,7 @@ def test_amp_accumulation_checkpointing_layer_decay_options_run(tmp_path, amp):
 
 @pytest.mark.slow
 def test_torch_compile_option(tmp_path):
-    s = train(_cfg(tmp_path, compile=True, train_subset=64, val_subset=32, epochs=1))
+    s = train(quick_cfg(tmp_path, compile=True, train_subset=64, val_subset=32, epochs=1))
     assert s["steps"] == 2
 
 

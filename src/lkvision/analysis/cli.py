@@ -12,18 +12,25 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["erf_main", "kernels_main", "sparsity_main", "coverage_main", "flops_main", "build_model"]
+from ..cli import UsageError, command
+
+__all__ = ["erf_main", "kernels_main", "sparsity_main", "coverage_main", "flops_main", "build_model",
+           "parse_model_kwargs", "RANDOM_WEIGHTS"]
+
+#: label suffix / note for a model analysed without --checkpoint
+RANDOM_WEIGHTS = "random init"
 
 
-def _kwargs(text: str | None) -> dict:
+def parse_model_kwargs(text: str | None, flag: str = "--model-kwargs") -> dict:
+    """``'{"num_classes": 10}'`` -> dict; anything but a JSON object is a :class:`~lkvision.cli.UsageError`."""
     if not text:
         return {}
     try:
         kw = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"--model-kwargs must be a JSON object, got {text!r}: {e}") from e
+        raise UsageError(f"{flag} must be a JSON object, got {text!r}: {e}") from e
     if not isinstance(kw, dict):
-        raise SystemExit(f"--model-kwargs must be a JSON object, got {text!r}")
+        raise UsageError(f"{flag} must be a JSON object, got {text!r}")
     return kw
 
 
@@ -32,7 +39,10 @@ def build_model(name: str, checkpoint: str | None = None, model_kwargs: dict | N
     """A registered model (optionally with lkvision weights from ``checkpoint``), in eval mode."""
     import lkvision
 
-    model = lkvision.create_model(name, **(model_kwargs or {}))
+    try:
+        model = lkvision.create_model(name, **(model_kwargs or {}))
+    except TypeError as e:  # an unknown constructor argument from --model-kwargs
+        raise UsageError(f"--model-kwargs for {name!r}: {e}") from e
     if checkpoint:
         lkvision.load_weights(model, checkpoint)
     model.eval()
@@ -41,11 +51,25 @@ def build_model(name: str, checkpoint: str | None = None, model_kwargs: dict | N
     return model.to(device)
 
 
+def _weights_label(name: str, checkpoint: str | None) -> str:
+    """``"sw_tiny (best.safetensors)"``, or ``"sw_tiny (random init)"`` for a model without a checkpoint."""
+    return f"{name} ({Path(checkpoint).name if checkpoint else RANDOM_WEIGHTS})"
+
+
+def _say_random(names: list[str]) -> str:
+    """Print (and return, for figure titles) a one-line note when some models have no checkpoint."""
+    if not names:
+        return ""
+    print(f"note: no --checkpoint for {', '.join(names)}: analysing RANDOM (untrained) weights; pass "
+          "--checkpoint FILE (one per model, '-' for none) to analyse a trained model")
+    return " -- random (untrained) weights: " + ", ".join(names)
+
+
 def _per_model(values: list[str] | None, n: int, what: str) -> list[str | None]:
     if not values:
         return [None] * n
     if len(values) != n:
-        raise SystemExit(f"give one {what} per model ({n}), got {len(values)}")
+        raise UsageError(f"give one {what} per model ({n}), got {len(values)}")
     return [None if v in ("", "none", "-") else v for v in values]
 
 
@@ -59,7 +83,8 @@ def _common(p: argparse.ArgumentParser, models_required: bool = True) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- erf
-def erf_main(argv: list[str]) -> int:
+@command("lkvision erf")
+def erf_main(argv: list[str] | None = None) -> int:
     from .erf import DEFAULT_THRESHOLDS, area_ratios, compute_erf, format_ratio, log_normalize
     from .images import folder_image_paths, image_batches, sample_image_paths
     from .plotting import format_table, plot_erf_maps, save_csv, save_json
@@ -83,24 +108,27 @@ def erf_main(argv: list[str]) -> int:
     paths = folder_image_paths(args.images) if args.images else sample_image_paths(args.sample_source)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    kw = _kwargs(args.model_kwargs)
+    kw = parse_model_kwargs(args.model_kwargs)
     rows, maps, raw = [], {}, {}
-    for name, ckpt in zip(args.models, _per_model(args.checkpoint, len(args.models), "checkpoint")):
+    ckpts = _per_model(args.checkpoint, len(args.models), "checkpoint")
+    random_note = _say_random([n for n, c in zip(args.models, ckpts) if c is None])
+    for name, ckpt in zip(args.models, ckpts):
         model = build_model(name, ckpt, kw, args.deploy, args.device)
         batches = image_batches(paths, args.resolution, args.batch_size, args.num_images)
         erf = compute_erf(model, batches, variant=args.variant, device=args.device)
         a = log_normalize(erf)
         ratios = area_ratios(a, args.thresholds)
-        label = name if ckpt is None else f"{name} ({Path(ckpt).name})"
+        label = _weights_label(name, ckpt)
         maps[label] = a
         raw[label] = erf
-        row = {"model": label}
+        row = {"model": label, "weights": ckpt or RANDOM_WEIGHTS}
         row.update({f"t={100 * t:g}%": format_ratio(r) for t, r in ratios.items()})
         rows.append(row)
         del model
     print(f"ERF at {args.resolution}x{args.resolution}, {args.num_images} images, variant={args.variant}")
     print(format_table(rows))
-    plot_erf_maps(maps, out / "erf.png", suptitle=f"ERF {args.resolution}px, {args.variant} variant, log scale")
+    plot_erf_maps(maps, out / "erf.png", suptitle=f"ERF {args.resolution}px, {args.variant} variant, log scale"
+                  + random_note)
     save_csv(rows, out / "erf.csv")
     save_json({"resolution": args.resolution, "num_images": args.num_images, "variant": args.variant,
                "images": args.images or f"bundled:{args.sample_source}", "rows": rows,
@@ -114,7 +142,8 @@ def erf_main(argv: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------- kernels
-def kernels_main(argv: list[str]) -> int:
+@command("lkvision kernels")
+def kernels_main(argv: list[str] | None = None) -> int:
     from .kernels import find_kernel_layers, kernel_maps
     from .plotting import format_table, plot_kernel_maps, save_json
 
@@ -128,9 +157,11 @@ def kernels_main(argv: list[str]) -> int:
     p.add_argument("--list", action="store_true", help="list the large-kernel layers and exit")
     args = p.parse_args(argv)
     out = Path(args.out_dir)
-    kw = _kwargs(args.model_kwargs)
+    kw = parse_model_kwargs(args.model_kwargs)
     maps, rows, summary = {}, [], {}
-    for name, ckpt in zip(args.models, _per_model(args.checkpoint, len(args.models), "checkpoint")):
+    ckpts = _per_model(args.checkpoint, len(args.models), "checkpoint")
+    random_note = "" if args.list else _say_random([n for n, c in zip(args.models, ckpts) if c is None])
+    for name, ckpt in zip(args.models, ckpts):
         model = build_model(name, ckpt, kw, False, args.device)
         if args.list:
             print(f"{name}:")
@@ -142,9 +173,10 @@ def kernels_main(argv: list[str]) -> int:
         layer = args.layer or default_kernel_layer(model)
         km = kernel_maps(model, layer)
         for form, k in km.items():
-            maps[f"{name} {layer}\n{form}"] = k
+            maps[f"{_weights_label(name, ckpt)} {layer}\n{form}"] = k
             c = k.shape[-1] // 2
-            rows.append({"model": name, "layer": layer, "form": form, "size": f"{k.shape[0]}x{k.shape[1]}",
+            rows.append({"model": name, "weights": ckpt or RANDOM_WEIGHTS, "layer": layer, "form": form,
+                         "size": f"{k.shape[0]}x{k.shape[1]}",
                          "centre": float(k[c, c]), "mean": float(k.mean()),
                          "centre_cross_mean": float((k[c, :].sum() + k[:, c].sum() - k[c, c]) /
                                                     (k.shape[0] + k.shape[1] - 1))})
@@ -152,7 +184,8 @@ def kernels_main(argv: list[str]) -> int:
     if args.list:
         return 0
     print(format_table(rows))
-    plot_kernel_maps(maps, out / "kernels.png", suptitle="aggregated |kernel| (sum over channels, max = 1)")
+    plot_kernel_maps(maps, out / "kernels.png", suptitle="aggregated |kernel| (sum over channels, max = 1)"
+                     + random_note)
     save_json({"rows": rows, "maps": summary, "command": " ".join(["lkvision", "kernels", *argv])},
               out / "kernels.json")
     print(f"wrote {out / 'kernels.png'} and kernels.json")
@@ -160,7 +193,8 @@ def kernels_main(argv: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------ sparsity
-def sparsity_main(argv: list[str]) -> int:
+@command("lkvision sparsity")
+def sparsity_main(argv: list[str] | None = None) -> int:
     from .plotting import format_table, plot_sparsity, save_csv, save_json
     from .sparsity import sparsity_report
 
@@ -180,7 +214,7 @@ def sparsity_main(argv: list[str]) -> int:
     from ..models._weights import load_state_dict_file
 
     if args.model:
-        source = build_model(args.model, args.checkpoint, _kwargs(args.model_kwargs))
+        source = build_model(args.model, args.checkpoint, parse_model_kwargs(args.model_kwargs))
     else:
         source = load_state_dict_file(args.checkpoint)
     masks = _load_masks(args.masks) if args.masks else None
@@ -207,7 +241,8 @@ def _load_masks(path: str) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ coverage
-def coverage_main(argv: list[str]) -> int:
+@command("lkvision coverage")
+def coverage_main(argv: list[str] | None = None) -> int:
     from .coverage import coverage, coverage_curve, coverage_from_tables
     from .plotting import format_table, plot_coverage, save_csv, save_json
 
@@ -252,7 +287,8 @@ def coverage_main(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------- flops
-def flops_main(argv: list[str]) -> int:
+@command("lkvision flops")
+def flops_main(argv: list[str] | None = None) -> int:
     from .flops import complexity_table
     from .plotting import format_table, save_csv, save_json
 
@@ -264,7 +300,7 @@ def flops_main(argv: list[str]) -> int:
     p.add_argument("--forms", nargs="+", default=["train", "deploy"], choices=("train", "deploy"))
     p.add_argument("--by-operator", action="store_true", help="also report FLOPs per aten operator")
     args = p.parse_args(argv)
-    rows = complexity_table(args.models, args.resolution, args.forms, _kwargs(args.model_kwargs),
+    rows = complexity_table(args.models, args.resolution, args.forms, parse_model_kwargs(args.model_kwargs),
                             _per_model(args.checkpoint, len(args.models), "checkpoint"), args.by_operator)
     cols = ["model", "form", "resolution", "params_M", "nonzero_params_M", "GFLOPs", "GMACs"]
     print(format_table(rows, cols))

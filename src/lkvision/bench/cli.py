@@ -6,18 +6,11 @@ import argparse
 import json
 import sys
 
+from ..analysis.cli import parse_model_kwargs
+from ..cli import command
 from ..fileio import atomic_write_text
 
 __all__ = ["main"]
-
-
-def _kwargs(text: str | None) -> dict:
-    if not text:
-        return {}
-    kw = json.loads(text)
-    if not isinstance(kw, dict):
-        raise SystemExit(f"--model-kwargs must be a JSON object, got {text!r}")
-    return kw
 
 
 def _save(out: str | None, payload: dict, argv: list[str]) -> None:
@@ -39,11 +32,12 @@ def _models(args, argv: list[str], train: bool) -> int:
     from .throughput import inference_throughput, train_throughput
 
     rows = []
+    kwargs = parse_model_kwargs(args.model_kwargs)
     form_arg = getattr(args, "form", "train")
     forms = ["train", "deploy"] if form_arg == "both" else [form_arg]
     for name in args.models:
         for form in forms if not train else ["train"]:
-            model = lkvision.create_model(name, **_kwargs(args.model_kwargs))
+            model = lkvision.create_model(name, **kwargs)
             row = {"model": name, "form": form if not train else "train-step"}
             try:
                 if train:
@@ -89,8 +83,8 @@ def _dwconv(args, argv: list[str]) -> int:
     return 0
 
 
+@command("lkvision bench")
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="lkvision bench", description=(
         "Throughput benchmarks: models (inference, papers' protocol), train (fwd+bwd+optimizer step) and "
         "dwconv (RepLKNet Table 1 depth-wise conv stack over every dwconv2d path and plain PyTorch)."))

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from torch import nn
 
+from ..cli import UsageError, command
+
 __all__ = ["main", "convert", "load_converted"]
 
 _META_PREFIX = "lkvision."
@@ -32,7 +34,7 @@ def _official_kwargs(family: str, model: str | None, kwargs_json: str | None) ->
     if model:
         table = getattr(mod, "MODEL_KWARGS", {})
         if model not in table:
-            raise ValueError(f"unknown {family} model {model!r}; known: {sorted(table)}")
+            raise UsageError(f"unknown {family} model {model!r}; known: {sorted(table)}")
         kw.update(table[model])
     if kwargs_json:
         src = Path(kwargs_json)
@@ -40,9 +42,9 @@ def _official_kwargs(family: str, model: str | None, kwargs_json: str | None) ->
         try:
             extra = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--kwargs is not valid JSON (or a JSON file): {e}") from e
+            raise UsageError(f"--kwargs is not valid JSON (or a JSON file): {e}") from e
         if not isinstance(extra, dict):
-            raise ValueError(f"--kwargs must be a JSON object, got {type(extra).__name__}")
+            raise UsageError(f"--kwargs must be a JSON object, got {type(extra).__name__}")
         kw.update(extra)
     return kw
 
@@ -97,6 +99,7 @@ def load_converted(path: str | Path) -> nn.Module:
     return load_weights(model, path)
 
 
+@command("lkvision convert")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="lkvision convert",
@@ -113,16 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.model and not args.kwargs:
         p.error("give --model NAME and/or --kwargs JSON (the official constructor arguments)")
-    try:
-        from . import canonical_family
+    from . import canonical_family
 
-        fam = canonical_family(args.family)
-        kw = _official_kwargs(fam, args.model, args.kwargs)
-        t0 = time.perf_counter()
+    fam = canonical_family(args.family)
+    kw = _official_kwargs(fam, args.model, args.kwargs)
+    t0 = time.perf_counter()
+    try:
         model, meta = convert(fam, args.src, args.dst, args.model, kw)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ModuleNotFoundError) as e:
-        print(f"lkvision convert: error: {e}", file=sys.stderr)
-        return 1
+    except TypeError as e:  # an official constructor argument that does not exist
+        raise UsageError(f"--kwargs / --model: {e}") from e
     from ..utils import count_params
 
     sd = model.state_dict()

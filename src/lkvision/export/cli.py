@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import command
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lkvision export", description=__doc__)
@@ -21,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("lkvision export")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
@@ -29,11 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from .onnx import ExportError, example_input, export_onnx, export_program
 
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    try:
-        model = create_model(args.model, pretrained=args.checkpoint or False, **kwargs).eval()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"lkvision export: {e}", file=sys.stderr)
-        return 2
+    model = create_model(args.model, pretrained=args.checkpoint or False, **kwargs).eval()
     try:
         if args.format == "onnx":
             res = export_onnx(model, args.out, args.img_size, opset=args.opset,
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             ep = export_program(model, example_input(model, args.img_size), dynamic_batch=not args.static_batch)
             torch.export.save(ep, args.out)
             print(f"wrote {args.out} (torch.export program of the deploy form)")
-    except ExportError as e:
+    except ExportError as e:  # the model cannot be exported: not a user error, so status 1
         print(f"lkvision export: {e}", file=sys.stderr)
         return 1
     return 0

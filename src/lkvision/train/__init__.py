@@ -5,5 +5,7 @@
 
 from .config import ConfigError, TrainConfig, list_recipes, load_recipe, make_config
 from .engine import evaluate, train
+from .stop import TrainingAborted, TrainingInterrupted
 
-__all__ = ["train", "evaluate", "TrainConfig", "ConfigError", "make_config", "load_recipe", "list_recipes"]
+__all__ = ["train", "evaluate", "TrainConfig", "ConfigError", "make_config", "load_recipe", "list_recipes",
+           "TrainingInterrupted", "TrainingAborted"]

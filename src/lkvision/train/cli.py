@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
+from ..cli import command
 from ..fileio import atomic_write_json
 from .config import ConfigError, describe_fields, list_recipes, load_recipe, make_config, parse_set
 
@@ -19,7 +22,7 @@ examples:
   torchrun --nproc_per_node=8 -m lkvision.train --recipe sw_tiny_in1k --data /datasets/imagenet
   torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
       -m lkvision.train --recipe sw_tiny_in1k --data /datasets/imagenet --set update_freq=4
-  lkvision train --recipe sw_tiny_in1k --resume auto --output runs/sw_tiny     # continue a killed run
+  lkvision train --recipe sw_tiny_in1k --resume auto --output runs/sw_tiny     # continue a stopped run
   lkvision train --set lr=1e-3 --set sparse.enabled=true --set mixup=0
 
 recipes (lkvision/train/recipes/*.yaml; --recipe also takes a path): {recipes}
@@ -27,6 +30,9 @@ recipes (lkvision/train/recipes/*.yaml; --recipe also takes a path): {recipes}
 Every recipe key can be overridden with --set key=value (values parsed as YAML; nested: sparse.key=value).
 The dedicated flags above are shortcuts for the most common keys. Unknown keys are an error.
 Global batch = batch_size x update_freq x processes; with lr_base_batch set, lr scales linearly with it.
+Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and prints the command that continues the
+run (exit 130 / 143); a second Ctrl-C aborts at once. An output folder that already holds a run is refused
+unless --resume auto (continue it) or --overwrite (replace it) is given.
 
 recipe keys:
 {fields}
@@ -60,7 +66,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-path", type=float)
     p.add_argument("--input-size", "--img-size", dest="input_size", type=int, help="training crop size")
     p.add_argument("--output", "-o", help="output folder")
-    p.add_argument("--resume", help="'auto' (latest checkpoint in --output) or a ckpt-*.state.pt path")
+    p.add_argument("--resume", help="'auto' (newest valid checkpoint in --output) or a ckpt-*.state.pt path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output (deletes its checkpoints, metrics, best/final weights)")
     p.add_argument("--finetune", help="initial weights file")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--workers", type=int, help="DataLoader workers per process")
@@ -82,6 +90,8 @@ def _config_from_args(args: argparse.Namespace):
             overrides[key] = v
     if getattr(args, "no_progress", False):
         overrides["progress"] = False
+    if getattr(args, "overwrite", False):
+        overrides["overwrite"] = True
     sets = parse_set(args.sets)
     if "sparse" in sets:
         sets["sparse"] = {**(data.get("sparse") or {}), **sets["sparse"]}
@@ -89,31 +99,65 @@ def _config_from_args(args: argparse.Namespace):
     return make_config(data, overrides)
 
 
+@command("lkvision train")
 def train_main(argv: list[str] | None = None) -> int:
     parser = build_train_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     if args.list_recipes:
         print("\n".join(list_recipes()))
         return 0
-    try:
-        cfg = _config_from_args(args)
-    except ConfigError as e:
-        print(f"lkvision train: error: {e}", file=sys.stderr)
-        return 2
+    cfg = _config_from_args(args)
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     from .engine import train
+    from .stop import TrainingAborted, TrainingInterrupted
 
     try:
         summary = train(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"lkvision train: error: {e}", file=sys.stderr)
-        return 2
+    except TrainingInterrupted as e:
+        _say_main(f"lkvision train: stopped by {_signame(e.signum)} after step {e.step}, checkpoint "
+                  f"{e.checkpoint}; continue with: {resume_command(argv)}")
+        return e.exit_code
+    except TrainingAborted as e:
+        from .checkpoint import find_latest
+
+        _say_main(f"lkvision train: aborted by a second {_signame(e.signum)}; newest checkpoint "
+                  f"{find_latest(cfg.output)}; continue with: {resume_command(argv)}")
+        return e.exit_code
     deploy = summary.get("deploy") or {}
     return 0 if deploy.get("parity_ok", True) else 1
+
+
+def _signame(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
+def _say_main(msg: str) -> None:
+    """Print on the first process only (under torchrun every rank stops at once)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """The command line that continues this run: the same arguments without ``--overwrite`` and any
+    ``--resume X``, plus ``--resume auto`` (``torchrun [same options] -m lkvision.train ...`` under torchrun)."""
+    args, skip = [], False
+    for a in list(argv or []):
+        if skip:
+            skip = False
+        elif a == "--overwrite":
+            continue
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            args.append(a)
+    head = "torchrun [same options] -m lkvision.train" if "TORCHELASTIC_RUN_ID" in os.environ else "lkvision train"
+    return " ".join([head, shlex.join([*args, "--resume", "auto"])])
 
 
 # ---------------------------------------------------------------------------------------------------- eval
@@ -149,13 +193,10 @@ def build_eval_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("lkvision eval")
 def eval_main(argv: list[str] | None = None) -> int:
-    args = build_eval_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        result = run_eval(args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
-        print(f"lkvision eval: error: {e}", file=sys.stderr)
-        return 2
+    args = build_eval_parser().parse_args(argv)
+    result = run_eval(args)
     print(json.dumps(result, indent=2))
     if args.json:
         atomic_write_json(args.json, result)

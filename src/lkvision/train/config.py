@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 __all__ = ["TrainConfig", "ConfigError", "load_recipe", "list_recipes", "make_config", "parse_set",
-           "RECIPE_DIR", "describe_fields"]
+           "RECIPE_DIR", "describe_fields", "sparse_keys"]
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -112,7 +112,8 @@ class TrainConfig:
     save_every_epochs: int = _f(1, "write a checkpoint every N epochs")
     save_every_steps: int = _f(0, "also write a checkpoint every N optimizer steps (mid-epoch resume; 0 = off)")
     keep_last: int = _f(3, "periodic checkpoints to keep (plus last and best)")
-    resume: str = _f("", "'' | 'auto' (latest in output) | path to a *.state.pt file")
+    resume: str = _f("", "'' | 'auto' (newest valid checkpoint in output) | path to a *.state.pt file")
+    overwrite: bool = _f(False, "replace an existing run in output (its checkpoints, metrics, best/final weights)")
     max_steps: int | None = _f(None, "stop after this many optimizer steps in total (like a kill; for tests)")
     seed: int = _f(0, "random seed (data order, augmentation, init)")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms")
@@ -140,10 +141,47 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
+def _closest_hint(key: str, valid: list[str], prefix: str = "") -> str:
+    """``"; did you mean 'sparse.sparsity'?"`` (close matches), else the single closest valid key."""
+    close = difflib.get_close_matches(key, valid, n=3)
+    if close:
+        return "; did you mean " + ", ".join(repr(prefix + c) for c in close) + "?"
+    nearest = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    return f"; closest valid key: {prefix + nearest[0]!r}" if nearest else ""
+
+
 def _unknown(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(_FIELDS), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown recipe key {key!r} in {where}{hint} (`lkvision train --help` lists the keys)")
+    return ConfigError(f"unknown recipe key {key!r} in {where}{_closest_hint(key, list(_FIELDS))} "
+                       "(`lkvision train --help` lists the keys)")
+
+
+def sparse_keys() -> list[str]:
+    """The keys allowed under ``sparse:``: ``enabled`` plus every :class:`lkvision.sparse.SparseConfig` field."""
+    from ..sparse import SparseConfig
+
+    return ["enabled", *(f.name for f in dataclasses.fields(SparseConfig))]
+
+
+def _check_nested(top: str, value: Any, where: str) -> None:
+    """Unknown keys inside a nested mapping with a schema (``sparse``) are errors, at any depth.
+    ``model_kwargs`` has no schema here: the model constructor checks it (see ``engine.build_model``)."""
+    if top != "sparse" or not isinstance(value, dict):
+        return
+    valid = sparse_keys()
+    for k, v in value.items():
+        if k not in valid:
+            full = f"sparse.{k}"
+            raise ConfigError(f"unknown recipe key {full!r} in {where}{_closest_hint(k, valid, 'sparse.')} "
+                              "(sparse keys are the lkvision.sparse.SparseConfig fields, see docs/sparse.md)")
+        if isinstance(v, dict):  # no sparse option is itself a mapping
+            raise ConfigError(f"recipe key 'sparse.{k}' in {where} takes a value, not a mapping ({v!r})")
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from e
 
 
 def load_recipe(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -155,7 +193,7 @@ def load_recipe(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any
             raise ConfigError(f"unknown recipe {name_or_path!r}; available: {', '.join(list_recipes())}")
     if str(path) in _seen:
         raise ConfigError(f"recipe inheritance cycle: {' -> '.join(_seen + (str(path),))}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _load_yaml(path.read_text(), f"recipe {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of key: value")
     base = data.pop("base", None)
@@ -163,6 +201,7 @@ def load_recipe(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any
     for k in data:
         if k not in _FIELDS:
             raise _unknown(k, str(path))
+        _check_nested(k, data[k], str(path))
     for k, v in data.items():
         if k == "sparse" and isinstance(v, dict) and isinstance(merged.get("sparse"), dict):
             merged["sparse"] = {**merged["sparse"], **v}
@@ -180,12 +219,14 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         key = key.strip()
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw, f"--set {key}=...") if raw.strip() else ""
         if "." in key:
             top, sub = key.split(".", 1)
-            if top not in _FIELDS or not isinstance(_FIELDS[top].default_factory(), dict):
+            if top not in _FIELDS or _FIELDS[top].default_factory is dataclasses.MISSING or not isinstance(
+                    _FIELDS[top].default_factory(), dict):
                 raise _unknown(key, "--set")
             out.setdefault(top, {})[sub] = value
+            _check_nested(top, {sub: value}, "--set")
         else:
             if key not in _FIELDS:
                 raise _unknown(key, "--set")
@@ -235,6 +276,7 @@ def make_config(recipe: str | dict | None = "default", overrides: dict[str, Any]
     for k, v in (overrides or {}).items():
         if k not in _FIELDS:
             raise _unknown(k, "overrides")
+        _check_nested(k, v, "overrides")
         if k == "sparse" and isinstance(v, dict):
             data["sparse"] = {**(data.get("sparse") or {}), **v}
         else:
@@ -242,6 +284,7 @@ def make_config(recipe: str | dict | None = "default", overrides: dict[str, Any]
     for k in data:
         if k not in _FIELDS:
             raise _unknown(k, "recipe")
+        _check_nested(k, data[k], "recipe")
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in data.items()})
     if cfg.amp not in ("none", "bf16", "fp16"):
         raise ConfigError(f"recipe key 'amp' must be none | bf16 | fp16, got {cfg.amp!r}")
@@ -251,6 +294,22 @@ def make_config(recipe: str | dict | None = "default", overrides: dict[str, Any]
         raise ConfigError("batch_size, update_freq and epochs must be >= 1")
     if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
         raise ConfigError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}")
+    if cfg.overwrite and cfg.resume:
+        raise ConfigError(f"--overwrite and --resume {cfg.resume} contradict each other: resume continues the run "
+                          "in the output folder, overwrite deletes it")
     cfg.sparse = dict(cfg.sparse or {})
     cfg.sparse.setdefault("enabled", False)
+    _check_sparse_values(cfg.sparse)
     return cfg
+
+
+def _check_sparse_values(sparse: dict[str, Any]) -> None:
+    """Build a :class:`lkvision.sparse.SparseConfig` from the options so a bad value fails here, not mid-run."""
+    from ..sparse import SparseConfig
+
+    try:
+        opts = {k: v for k, v in sparse.items() if k != "enabled"}
+        opts.setdefault("total_steps", 1)  # the engine fills in the real number of optimizer steps
+        SparseConfig(**opts)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"recipe key 'sparse': {e}") from e

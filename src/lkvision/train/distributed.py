@@ -38,7 +38,7 @@ def _pick_device(spec: str, local_rank: int) -> torch.device:
     dev = torch.device(spec)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but CUDA is not available")
+            raise ValueError(f"device {spec!r} requested but CUDA is not available here; use --device cpu")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)

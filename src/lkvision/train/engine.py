@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import math
 import sys
@@ -32,13 +33,31 @@ from torch.utils.data import DataLoader
 
 from ..data import ResumableSampler, build_datasets, build_mixup, build_train_loss
 from ..fileio import atomic_write_json, atomic_write_text
-from .checkpoint import find_latest, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    ResumePoint,
+    check_checkpoint,
+    latest_valid_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import ConfigError, TrainConfig
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed, unwrap_model
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    init_distributed,
+    unwrap_model,
+)
 from .ema import ModelEma
 from .optim import build_optimizer, effective_lr, lr_at, set_lr
+from .stop import GracefulStop, TrainingInterrupted, ignore_stop_signals
 
-__all__ = ["train", "evaluate", "build_model", "make_loader", "autocast_ctx", "deploy_parity"]
+__all__ = ["train", "evaluate", "build_model", "make_loader", "autocast_ctx", "deploy_parity", "run_files",
+           "mask_digest"]
 
 
 class _Logger:
@@ -58,6 +77,11 @@ class _Logger:
             tqdm.write(msg, file=sys.stdout)
         except ImportError:  # pragma: no cover
             print(msg, flush=True)
+        if self.file is not None:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+    def to_file(self, msg: str) -> None:
         if self.file is not None:
             self.file.write(msg + "\n")
             self.file.flush()
@@ -83,7 +107,33 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     kwargs.setdefault("in_chans", in_chans)
     if cfg.drop_path:
         kwargs.setdefault("drop_path_rate", cfg.drop_path)
-    return create_model(cfg.model, **kwargs)
+    try:
+        return create_model(cfg.model, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ConfigError(f"recipe key 'model_kwargs' for {cfg.model!r}: {e}{_kwarg_hint(cfg.model, str(e))}") from e
+
+
+def _kwarg_hint(model_name: str, message: str) -> str:
+    """``"; did you mean 'drop_path_rate'?"`` for the keyword named in a constructor's TypeError."""
+    import difflib
+    import inspect
+    import re
+
+    from ..models import create_model
+
+    m = re.search(r"unexpected keyword argument '([^']+)'", message)
+    params: list[str] = []
+    for kwargs in ({"device": "meta"}, {}):  # meta: no memory, no init; not every model takes device=
+        try:
+            params = list(inspect.signature(type(create_model(model_name, **kwargs)).__init__).parameters)
+            break
+        except Exception:  # noqa: BLE001, S112 - only a hint
+            continue
+    params = [p for p in params if p not in ("self", "args", "kwargs")]
+    close = difflib.get_close_matches(m.group(1), params, n=1, cutoff=0.0) if m else []
+    return f"; closest valid argument: {close[0]!r}" if close else ""
 
 
 def make_loader(dataset, batch_size: int, sampler, workers: int, pin: bool, drop_last: bool) -> DataLoader:
@@ -92,7 +142,8 @@ def make_loader(dataset, batch_size: int, sampler, workers: int, pin: bool, drop
     comes from :class:`~lkvision.data.EpochSeededDataset`, not from worker seeds."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin, drop_last=drop_last, persistent_workers=False,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0),
+                      worker_init_fn=ignore_stop_signals if workers > 0 else None)
 
 
 def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -170,15 +221,74 @@ def _sparse_masking(cfg: TrainConfig, model: nn.Module, total_steps: int, optimi
 
 
 class _History:
-    """Per-epoch rows (metrics.csv) and per-step train losses (for the curve), kept in checkpoints."""
+    """Per-epoch rows (metrics.csv), per-step train losses (for the curve) and, with sparse training, the
+    sparse-mask digest of every rank after every mask update; kept in checkpoints."""
 
     def __init__(self, state: dict | None = None) -> None:
         state = state or {}
         self.epochs: list[dict[str, Any]] = list(state.get("epochs", []))
         self.steps: list[list[float]] = [list(s) for s in state.get("steps", [])]
+        self.mask_digests: list[list] = [list(s) for s in state.get("mask_digests", [])]
 
     def state(self) -> dict:
-        return {"epochs": self.epochs, "steps": self.steps}
+        return {"epochs": self.epochs, "steps": self.steps, "mask_digests": self.mask_digests}
+
+
+def mask_digest(masks: dict[str, torch.Tensor]) -> str:
+    """A short hash of a set of sparse masks (names and values): equal masks, equal digest, on any device."""
+    h = hashlib.sha256()
+    for name in sorted(masks):
+        h.update(name.encode())
+        h.update(masks[name].detach().to("cpu", torch.uint8).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _record_mask_update(hist: _History, masking, step: int, info: DistInfo, log) -> None:
+    """After a prune/grow update: gather every rank's mask digest into the history; say so if they differ."""
+    digests = [mask_digest(masking.masks)]
+    if info.enabled:
+        gathered: list[Any] = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, digests[0])
+        digests = gathered
+    hist.mask_digests.append([step, digests])
+    if len(set(digests)) > 1:
+        log(f"WARNING: sparse masks differ across ranks after the mask update at step {step} ({digests}); "
+            "keep sparse.broadcast: true")
+
+
+#: files that mark an output folder as holding a run (``log.txt`` alone does not)
+_RUN_FILES = ("best.safetensors", "final.safetensors", "deploy.safetensors", "metrics.json", "metrics.csv",
+              "curves.png")
+
+
+def run_files(output: str | Path) -> list[Path]:
+    """The files of an earlier run in ``output``: checkpoints, best/final/deploy weights, metrics, curves."""
+    out = Path(output)
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.is_file() and (
+        p.name in _RUN_FILES or (p.name.startswith("ckpt-") and p.name.endswith((".state.pt", ".safetensors")))))
+
+
+def _claim_output(cfg: TrainConfig, info: DistInfo) -> None:
+    """Refuse to write a new run over an existing one (unless ``overwrite``, which deletes the old run's files).
+
+    Rank 0 looks at the folder and tells the others, so that every rank raises (or goes on) together."""
+    if cfg.resume:
+        return
+    found = [p.name for p in run_files(cfg.output)] if info.is_main else []
+    found = broadcast_object(found, info)
+    if not found:
+        return
+    if not cfg.overwrite:
+        shown = ", ".join(found[:4]) + (f", ... ({len(found)} files)" if len(found) > 4 else "")
+        raise ConfigError(f"output folder {cfg.output} already holds a run ({shown}): continue it with "
+                          "--resume auto, write to another --output, or pass --overwrite to replace it")
+    if info.is_main:
+        for name in [*found, "log.txt"]:
+            with contextlib.suppress(FileNotFoundError):
+                (Path(cfg.output) / name).unlink()
+    barrier(info)
 
 
 def _write_metrics(output: Path, hist: _History, summary: dict | None) -> None:
@@ -206,14 +316,16 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+    _claim_output(cfg, info)
     log = _Logger(info, Path(cfg.output))
     try:
-        return _run(cfg, info, log)
+        with GracefulStop(announce=info.is_main) as stop:  # armed by _run for the training loop only
+            return _run(cfg, info, log, stop)
     finally:
         log.close()
 
 
-def _run(cfg: TrainConfig, info: DistInfo, log: _Logger) -> dict[str, Any]:
+def _run(cfg: TrainConfig, info: DistInfo, log: _Logger, stop: GracefulStop) -> dict[str, Any]:
     device = info.device
     output = Path(cfg.output)
     if cfg.threads:
@@ -271,16 +383,12 @@ def _run(cfg: TrainConfig, info: DistInfo, log: _Logger) -> dict[str, Any]:
     hist = _History()
     best: dict[str, Any] = {"top1": -1.0}
     resume_state = None
-    resume_path = None
-    if cfg.resume:
-        resume_path = find_latest(output) if cfg.resume == "auto" else Path(cfg.resume)
-        if resume_path is None:
-            log(f"resume=auto: no checkpoint in {output}, starting from scratch")
-    if resume_path is not None:
+    point = _find_resume_point(cfg, output, info, log)
+    if point is not None:
         from ..models import load_weights
 
-        weights, resume_state = load_checkpoint(resume_path)
-        load_weights(model, weights)
+        resume_path, resume_state = point.path, point.state
+        load_weights(model, point.weights)
         optimizer.load_state_dict(resume_state["optimizer"])
         if "scaler" in resume_state and resume_state["scaler"]:
             scaler.load_state_dict(resume_state["scaler"])
@@ -300,6 +408,8 @@ def _run(cfg: TrainConfig, info: DistInfo, log: _Logger) -> dict[str, Any]:
             warnings.warn("resuming with a different steps-per-epoch (batch size / world size changed): the "
                           "data order after resume differs from the original run", stacklevel=2)
         log(f"resumed from {resume_path} at step {start_step}")
+        if point.changed:
+            log(f"resumed with changed settings: {'; '.join(point.changed)}")
     elif masking is not None:
         sample = _first_batch(train_set, train_sampler, cfg.batch_size)
         masking.init((sample[0].to(device), sample[1].to(device)), nn.CrossEntropyLoss())
@@ -359,13 +469,28 @@ def _run(cfg: TrainConfig, info: DistInfo, log: _Logger) -> dict[str, Any]:
             "model": cfg.model,
         }
 
+    last_save: dict[str, Any] = {"step": None, "path": None}
+
     def save(epoch: int, step_: int) -> None:
         state = make_state(epoch, step_)  # collective under DDP: every rank takes part
         if info.is_main:
             save_checkpoint(output, step_, unwrap_model(model).state_dict(), state)
             prune_checkpoints(output, cfg.keep_last)
+        last_save.update(step=step_, path=output / f"ckpt-{step_:08d}.state.pt")
         barrier(info)
 
+    def stop_if_requested(epoch: int, pbar) -> None:
+        """At a step boundary: if any rank got SIGINT/SIGTERM, every rank checkpoints this step and raises."""
+        signum = stop.agreed(info)  # collective under DDP
+        if not signum:
+            return
+        if pbar is not None:
+            pbar.close()
+        if last_save["step"] != step:
+            save(epoch, step)
+        raise TrainingInterrupted(signum, step, last_save["path"])
+
+    stop.arm()  # Ctrl-C / SIGTERM from here on: finish the step, checkpoint, stop
     for epoch in range(start_step // steps_per_epoch, cfg.epochs):
         if step >= stop_at:
             break
@@ -420,12 +545,13 @@ def _run(cfg: TrainConfig, info: DistInfo, log: _Logger) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             # with fp16 the scaler skips the step on inf/nan grads (and lowers its scale)
             stepped = not scaler.is_enabled() or scaler.get_scale() >= scale_before
-            if masking is not None:
-                masking.step(optimizer_stepped=stepped)
+            mask_updated = masking.step(optimizer_stepped=stepped) if masking is not None else False
             if ema is not None:
                 ema.update(model)
             step += 1
             in_epoch += 1
+            if mask_updated:
+                _record_mask_update(hist, masking, step, info, log)
             cur_lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
             hist.steps.append([step, loss.item(), cur_lr])
             if pbar is not None:
@@ -435,6 +561,8 @@ def _run(cfg: TrainConfig, info: DistInfo, log: _Logger) -> dict[str, Any]:
                 log(f"step {step}/{total_steps} loss {loss.item():.4f} lr {cur_lr:.3e}")
             if cfg.save_every_steps and step % cfg.save_every_steps == 0 and in_epoch < steps_per_epoch:
                 save(epoch, step)
+            if in_epoch < steps_per_epoch:  # the last step of an epoch stops after the epoch's evaluation
+                stop_if_requested(epoch, pbar)
         if pbar is not None:
             pbar.close()
         epoch_done = in_epoch >= steps_per_epoch
@@ -470,9 +598,12 @@ def _run(cfg: TrainConfig, info: DistInfo, log: _Logger) -> dict[str, Any]:
             _write_metrics(output, hist, None)
             if cfg.plot:
                 _plot(output, hist, log)
+        stop_if_requested(epoch + 1, None)
         if step >= stop_at and not last_epoch:
             stopped_early = True
             break
+
+    stop.disarm()
 
     train_time = time.perf_counter() - t_start
     summary: dict[str, Any] = {
@@ -544,6 +675,39 @@ def _jsonable(obj):
     if isinstance(obj, (int, float, str, bool)) or obj is None:
         return obj
     return str(obj)
+
+
+def _find_resume_point(cfg: TrainConfig, output: Path, info: DistInfo, log: _Logger) -> ResumePoint | None:
+    """The checkpoint to resume from, loaded and validated (``None``: start from scratch).
+
+    ``--resume PATH``: that checkpoint or an error saying why it cannot be used. ``--resume auto``: rank 0
+    takes the newest valid checkpoint, warning about each newer one it skips, and tells the other ranks which.
+    """
+    from ..models import CheckpointError
+
+    if not cfg.resume:
+        return None
+    current = cfg.to_dict()
+    if cfg.resume != "auto":
+        return check_checkpoint(cfg.resume, current)
+    point, chosen, error = None, None, None
+    if info.is_main:
+        def warn(msg: str) -> None:
+            warnings.warn(msg, stacklevel=4)
+            log.to_file(f"WARNING: {msg}")
+
+        try:
+            point = latest_valid_checkpoint(output, current, warn)
+            chosen = None if point is None else str(point.path)
+        except CheckpointError as e:
+            error = str(e)
+    chosen, error = broadcast_object((chosen, error), info)
+    if error:
+        raise CheckpointError(error)
+    if chosen is None:
+        log(f"resume=auto: no checkpoint in {output}, starting from scratch")
+        return None
+    return point if point is not None else check_checkpoint(chosen, current)
 
 
 def _first_batch(dataset, sampler: ResumableSampler, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
