@@ -21,6 +21,8 @@ from pathlib import Path
 
 from torch import nn
 
+from ..models._weights import ALLOW_PICKLE_HELP
+
 __all__ = ["main", "convert", "load_converted"]
 
 _META_PREFIX = "lkvision."
@@ -48,8 +50,10 @@ def _official_kwargs(family: str, model: str | None, kwargs_json: str | None) ->
 
 
 def convert(family: str, src: str | Path, dst: str | Path, model_name: str | None = None,
-            official_kwargs: dict | None = None) -> tuple[nn.Module, dict[str, str]]:
+            official_kwargs: dict | None = None, allow_pickle: bool = False) -> tuple[nn.Module, dict[str, str]]:
     """Load an official checkpoint, build our model, save it as safetensors with metadata.
+
+    ``allow_pickle``: see :func:`lkvision.models.load_state_dict_file` (only for files you trust).
 
     Returns ``(model, metadata)``.
     """
@@ -58,7 +62,7 @@ def convert(family: str, src: str | Path, dst: str | Path, model_name: str | Non
 
     fam = canonical_family(family)
     kw = dict(official_kwargs or {})
-    sd = load_state_dict_file(src)
+    sd = load_state_dict_file(src, allow_pickle=allow_pickle)
     model = from_official(fam, sd, **kw)
     model_kwargs = getattr(model, "config", None)
     try:
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="lkvision model name whose official kwargs to use (e.g. sw_tiny)")
     p.add_argument("--kwargs", default=None,
                    help="official constructor kwargs as a JSON object or a JSON file (applied after --model)")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     args = p.parse_args(argv)
     if not args.model and not args.kwargs:
         p.error("give --model NAME and/or --kwargs JSON (the official constructor arguments)")
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         fam = canonical_family(args.family)
         kw = _official_kwargs(fam, args.model, args.kwargs)
         t0 = time.perf_counter()
-        model, meta = convert(fam, args.src, args.dst, args.model, kw)
+        model, meta = convert(fam, args.src, args.dst, args.model, kw, allow_pickle=args.allow_pickle)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, ModuleNotFoundError) as e:
         print(f"lkvision convert: error: {e}", file=sys.stderr)
         return 1
