@@ -86,7 +86,7 @@ def test_kwargs_translation():
 
 def test_errors():
     sd = _strip(_load())
-    with pytest.raises(ValueError, match="only Decom=True"):
+    with pytest.raises(CheckpointError, match="pass Decom=True"):
         from_official("slak", sd, **{**_kwargs(), "Decom": False})
     with pytest.raises(CheckpointError, match="shape mismatch"):
         from_official("slak", sd, **{**_kwargs(), "kernel_size": [15, 11, 9, 7, 5]})
@@ -94,7 +94,7 @@ def test_errors():
     with pytest.raises(CheckpointError, match=r"stages\.0\.0\.large_kernel\.small\.conv\.weight"):
         from_official("slak", sd, **_kwargs())
     with pytest.raises(TypeError, match="unknown official SLaK arguments"):
-        from_official("slak", sd, **_kwargs(), sparse=True)
+        from_official("slak", sd, **_kwargs(), sparsity=0.4)
 
 
 def test_early_release_names_decom1_decom2_are_accepted(train_model):
