@@ -190,6 +190,16 @@ def _fmt(keys, limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def classifier_size_hint(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> str:
+    """`` -- the checkpoint's classifier has N classes: pass num_classes=N`` when only the head's size differs
+    (an ImageNet-22k checkpoint has 21841 classes), else ``""``."""
+    for k, v in state_dict.items():
+        if (k.split(".")[0] == "head" and k.endswith("weight") and k in own and v.ndim == 2
+                and v.shape[1] == own[k].shape[1] and v.shape[0] != own[k].shape[0]):
+            return f" -- the checkpoint's classifier has {v.shape[0]} classes: pass num_classes={v.shape[0]}"
+    return ""
+
+
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
     """Raise :class:`CheckpointError` naming missing/unexpected keys and shape mismatches."""
     own = model.state_dict()
@@ -208,7 +218,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
     if strict and unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
     if problems:
-        hint = ""
+        hint = classifier_size_hint(own, state_dict)
         if any(k.endswith(("LoRAs.0.weight", "lkb_origin.conv.weight", "LoRA1.conv.weight")) for k in unexpected):
             hint = (" -- this looks like an official checkpoint: convert it with "
                     "`lkvision convert` or lkvision.compat.from_official")
