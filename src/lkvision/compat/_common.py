@@ -5,21 +5,20 @@
   ``roi_head.``...; the official downstream backbones (SLaK, UniRepLKNet, ShiftWise) add one channels-first
   LayerNorm per output stage, ``norm0`` .. ``norm3``, and drop the classifier ``norm``/``head``.
 * Test-vector extras: keys ``__name__`` (inputs/outputs stored beside the weights).
-* Conv + BN pairs already fused by the official tools (RepLKNet's ``deep_fuse_BN``: a biased ``conv``, no
-  ``bn``): :func:`fold_fused_conv_bn` folds the same pairs of our model so that the keys match.
+* Re-parameterised parts (an official deploy form, RepLKNet's ``deep_fuse_BN``: a biased ``conv`` and no
+  ``bn``): :func:`reparameterize_to_match` brings the same parts of our model into that form.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ..layers.conv_bn import ConvBN
-
-__all__ = ["unwrap_state_dict", "feature_norm_indices", "keep_feature_norms", "fold_fused_conv_bn"]
+__all__ = ["unwrap_state_dict", "feature_norm_indices", "keep_feature_norms", "reparameterize_to_match"]
 
 _FEATURE_NORM = re.compile(r"norm(\d)\.weight")
 
@@ -51,13 +50,27 @@ def keep_feature_norms(state_dict: Mapping[str, torch.Tensor], out_indices: Sequ
 
 
 @torch.no_grad()
-def fold_fused_conv_bn(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """Fold (in place, exactly) every :class:`~lkvision.layers.ConvBN` of ``model`` whose checkpoint entry
-    (``state_dict`` in lkvision names) is a biased ``conv`` without ``bn``; returns their names."""
-    folded = []
-    for name, m in model.named_modules():
-        if (isinstance(m, ConvBN) and not isinstance(m.bn, nn.Identity) and f"{name}.conv.bias" in state_dict
-                and f"{name}.bn.running_mean" not in state_dict):
-            m.reparameterize()
-            folded.append(name)
-    return folded
+def reparameterize_to_match(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Bring sub-modules of ``model`` into the (re-parameterised) form a checkpoint holds; returns their names.
+
+    A sub-module with ``reparameterize()`` whose keys differ from the checkpoint's under its name (some missing,
+    some unexpected) is re-parameterised -- on a copy, kept only if its keys then match exactly. Deepest modules
+    first, so a merged large kernel is handled before the block around it. This covers an official deploy form
+    (``lkb_reparam``), conv + BN pairs fused by RepLKNet's ``deep_fuse_BN`` and converted deploy files.
+    ``state_dict`` is in lkvision names. The values are not loaded here.
+    """
+    changed = []
+    candidates = [(n, m) for n, m in model.named_modules() if n and callable(getattr(m, "reparameterize", None))]
+    for name, module in sorted(candidates, key=lambda t: -t[0].count(".")):
+        prefix = name + "."
+        ckpt = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+        own = set(module.state_dict())
+        if not ckpt or not (own - ckpt) or not (ckpt - own):
+            continue
+        trial = copy.deepcopy(module)
+        trial.reparameterize()
+        if set(trial.state_dict()) == ckpt:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, trial)
+            changed.append(name)
+    return changed

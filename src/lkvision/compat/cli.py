@@ -82,10 +82,12 @@ def convert(family: str, src: str | Path, dst: str | Path, model_name: str | Non
 
 
 def load_converted(path: str | Path) -> nn.Module:
-    """Rebuild a model written by :func:`convert` (metadata -> constructor) and load its weights."""
+    """Rebuild a model written by :func:`convert` (metadata -> constructor) and load its weights (a converted
+    deploy-form checkpoint rebuilds in that form)."""
     from safetensors import safe_open
 
-    from ..models import create_model, load_weights
+    from ..models import create_model, load_state_dict_file, load_weights
+    from ._common import reparameterize_to_match
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -98,7 +100,9 @@ def load_converted(path: str | Path) -> nn.Module:
         model = getattr(importlib.import_module(mod), cls)(**kwargs)
     else:
         raise ValueError(f"{path} has no lkvision metadata (not written by `lkvision convert`)")
-    return load_weights(model, path)
+    sd = load_state_dict_file(path)
+    reparameterize_to_match(model, sd)
+    return load_weights(model, sd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,10 +33,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..layers.reparam_conv import ReparamLargeKernelConv
 from ..models._weights import CheckpointError, check_state_dict
 from ..models.replknet import RepLKNet
-from ._common import fold_fused_conv_bn, unwrap_state_dict
+from ._common import reparameterize_to_match, unwrap_state_dict
 
 __all__ = ["from_official", "convert_state_dict", "model_kwargs_from_official", "MODEL_KWARGS"]
 
@@ -129,10 +128,6 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], features_only: bo
     return out
 
 
-def _is_deploy(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return any(".lkb_reparam." in k for k in state_dict)
-
-
 def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> RepLKNet:
     """Build our RepLKNet from the official constructor kwargs and load an official state dict.
 
@@ -142,16 +137,14 @@ def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> 
     state_dict = unwrap_state_dict(state_dict)
     kw = model_kwargs_from_official(**official_kwargs)
     model = RepLKNet(**kw)
-    if _is_deploy(state_dict):
-        for m in model.modules():
-            if isinstance(m, ReparamLargeKernelConv):
-                m.reparameterize()
+    #: constructor arguments (JSON-able), recorded by `lkvision convert` to rebuild the model
+    model.config = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
     sd = convert_state_dict(state_dict, features_only=model.features_only)
     if model.features_only:  # the official backbone keeps its (unused) classifier norm and every stage norm
         keep = {f"feature_norms.{i}." for i in model.out_indices}
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")
               and (not k.startswith("feature_norms.") or any(k.startswith(p) for p in keep))}
-    fold_fused_conv_bn(model, sd)
+    reparameterize_to_match(model, sd)  # official deploy form (lkb_reparam), deep_fuse_BN
     try:
         check_state_dict(model, sd, strict=True)
     except CheckpointError as e:

@@ -38,10 +38,9 @@ from collections.abc import Mapping
 
 import torch
 
-from ..layers.reparam_conv import ReparamLargeKernelConv
 from ..models._weights import CheckpointError, check_state_dict
 from ..models.slak import SLaK, slak_dims
-from ._common import feature_norm_indices, keep_feature_norms, unwrap_state_dict
+from ._common import feature_norm_indices, keep_feature_norms, reparameterize_to_match, unwrap_state_dict
 
 __all__ = ["from_official", "convert_state_dict", "official_to_model_kwargs", "MODEL_KWARGS"]
 
@@ -151,13 +150,10 @@ def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> 
     kw = official_to_model_kwargs(sd, **official_kwargs)
     _check_form(sd, kw["decomposed"])
     model = SLaK(**kw)
-    if any(".large_kernel.lkb_reparam." in k for k in sd):
-        for m in model.modules():
-            if isinstance(m, ReparamLargeKernelConv):
-                m.reparameterize()
     if model.features_only:
         sd = keep_feature_norms(sd, model.out_indices)
     converted = convert_state_dict(sd)
+    reparameterize_to_match(model, converted)  # the official deploy form (lkb_reparam)
     check_state_dict(model, converted, strict=True)
     model.load_state_dict(converted, strict=True)
     return model.eval()
