@@ -22,7 +22,6 @@ from conftest import golden_meta, golden_tensors, randomize_bn_and_scales
 from lkvision.compat import from_official
 from lkvision.compat.shiftwise import official_to_lkvision_kwargs, to_official
 from lkvision.compat.slak import official_to_model_kwargs as slak_kwargs
-from lkvision.compat.unireplknet import MODEL_KWARGS as UNIREP_MODEL_KWARGS
 from lkvision.compat.unireplknet import OFFICIAL_VARIANTS as UNIREP_VARIANTS
 from lkvision.compat.unireplknet import official_to_model_kwargs as unirep_kwargs
 from lkvision.models import CheckpointError
@@ -360,12 +359,17 @@ def test_unireplknet_every_block_kernel_size(kernel_sizes, layer_scale):
 def test_unireplknet_variants_and_in22k_head():
     """A/F/P/N/T/S/B/L/XL: each depth set gets the official default kernel sizes; an IN-22k checkpoint loaded
     without num_classes says which num_classes to pass."""
-    assert {f"unireplknet_{v}" for v in "afpntsb"} | {"unireplknet_l", "unireplknet_xl"} == set(UNIREP_VARIANTS)
-    for name, kw in UNIREP_VARIANTS.items():
-        assert UNIREP_MODEL_KWARGS.get(name, kw) == kw, name  # the registered ones agree
-        depths = tuple(kw["depths"])
+    official = {  # the official unireplknet.py: variant -> (depths, first-stage width; widths double per stage)
+        "a": ((2, 2, 6, 2), 40), "f": ((2, 2, 6, 2), 48), "p": ((2, 2, 6, 2), 64), "n": ((2, 2, 8, 2), 80),
+        "t": ((3, 3, 18, 3), 80), "s": ((3, 3, 27, 3), 96), "b": ((3, 3, 27, 3), 128),
+        "l": ((3, 3, 27, 3), 192), "xl": ((3, 3, 27, 3), 256)}
+    assert set(UNIREP_VARIANTS) == {f"unireplknet_{v}" for v in official}
+    for v, (depths, width) in official.items():
+        kw = UNIREP_VARIANTS[f"unireplknet_{v}"]
+        assert tuple(kw["depths"]) == depths and tuple(kw["dims"]) == tuple(width * 2**i for i in range(4)), v
+    for depths, kernels in _UNIREP_DEFAULT_KERNELS.items():  # the default kernel sizes of each depth set
         tiny = UniRepLKNet(**unirep_kwargs(depths=depths, dims=(8, 16, 24, 32)))
-        assert tuple(tuple(k) for k in tiny.kernel_sizes) == _UNIREP_DEFAULT_KERNELS[depths], name
+        assert tuple(tuple(k) for k in tiny.kernel_sizes) == kernels, depths
     kwargs = golden_meta("unireplknet_dev")["constructor"]["kwargs"]
     sd = {k: v for k, v in golden_tensors("unireplknet_dev").items() if not k.startswith("__")}
     sd["head.weight"], sd["head.bias"] = torch.zeros(21841, sd["head.weight"].shape[1]), torch.zeros(21841)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lkvision
-from conftest import golden_meta, golden_tensors
+from conftest import assert_features_match, golden_meta, golden_tensors
 from lkvision.compat import from_official
 from lkvision.compat.slak import official_to_model_kwargs
 from lkvision.layers import ReparamLargeKernelConv, StripConv
@@ -48,19 +48,7 @@ def test_train_form_reproduces_output(train_model):
 
 def test_features_match_stage_by_stage(train_model):
     model, sd = train_model
-    feats = golden_tensors(CASE, ".features")
-    x, ours = sd["__input__"], {}
-    with torch.no_grad():
-        for i, (pre, stage) in enumerate(model.stage_pairs()):
-            x = pre(x)
-            ours[f"downsample_layers.{i}"] = x
-            for j, block in enumerate(stage):
-                x = block(x)
-                ours[f"stages.{i}.{j}"] = x
-        ours["norm"] = model.forward_head(x, pre_logits=True)
-    assert set(ours) == set(feats)
-    for k, ref in feats.items():
-        assert _max_diff(ours[k], ref) <= TOL * max(1.0, float(ref.abs().max())), k
+    assert_features_match(model, sd["__input__"], golden_tensors(CASE, ".features"), TOL)
 
 
 def test_our_deploy_form_reproduces_both_outputs(train_model):

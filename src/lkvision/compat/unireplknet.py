@@ -51,13 +51,7 @@ MODEL_KWARGS: dict[str, dict] = {
 #: constructor kwargs; kernel sizes are the official per-depth defaults. IN-22k pretraining checkpoints add
 #: ``num_classes=21841``.
 OFFICIAL_VARIANTS: dict[str, dict] = {
-    "unireplknet_a": dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320)),
-    "unireplknet_f": dict(depths=(2, 2, 6, 2), dims=(48, 96, 192, 384)),
-    "unireplknet_p": dict(depths=(2, 2, 6, 2), dims=(64, 128, 256, 512)),
-    "unireplknet_n": dict(depths=(2, 2, 8, 2), dims=(80, 160, 320, 640)),
-    "unireplknet_t": dict(depths=(3, 3, 18, 3), dims=(80, 160, 320, 640)),
-    "unireplknet_s": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)),
-    "unireplknet_b": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
+    **MODEL_KWARGS,  # A, F, P, N, T, S, B (registered lkvision models)
     "unireplknet_l": dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)),
     "unireplknet_xl": dict(depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048)),
 }
