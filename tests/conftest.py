@@ -80,3 +80,21 @@ def golden_meta(case: str) -> dict:
     import json
 
     return json.loads((GOLDEN / f"{case}.json").read_text())
+
+
+@torch.no_grad()
+def assert_features_match(model: nn.Module, x: torch.Tensor, feats: dict[str, torch.Tensor], tol: float = 1e-5) -> None:
+    """Compare a ConvNeXt-macro model (stem/downsample + stages + head norm) stage by stage with a golden
+    ``<case>.features`` file (official module names ``downsample_layers.i``, ``stages.i.j``, ``norm``), with
+    ``atol = tol * max(1, max |feature|)``; localises a mismatch to the first module that differs."""
+    ours = {}
+    for i, (pre, stage) in enumerate(model.stage_pairs()):
+        x = pre(x)
+        ours[f"downsample_layers.{i}"] = x
+        for j, block in enumerate(stage):
+            x = block(x)
+            ours[f"stages.{i}.{j}"] = x
+    ours["norm"] = model.forward_head(x, pre_logits=True)
+    assert set(ours) == set(feats)
+    for k, ref in feats.items():
+        assert (ours[k] - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item()), k

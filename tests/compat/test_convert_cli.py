@@ -79,3 +79,55 @@ def test_convert_errors(golden, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--family", "sw", "--src", str(src), "--dst", str(dst)])  # no --model/--kwargs
+
+
+@pytest.mark.parametrize("suffix", ["", ".deploy"], ids=["train_form", "official_deploy_form"])
+def test_convert_dense_slak_checkpoint(tmp_path, capsys, suffix):
+    """An official Decom=False SLaK checkpoint (as utils.save_model writes it, with its args Namespace)
+    converts without any opt-in, and the converted file rebuilds the model from its metadata alone."""
+    import argparse
+
+    kwargs = json.loads((GOLDEN / "slak_dense_dev.json").read_text())["constructor"]["kwargs"]
+    t = load_file(str(GOLDEN / f"slak_dense_dev{suffix}.safetensors"))
+    src = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": {k: v for k, v in t.items() if not k.startswith("__")}, "epoch": "best",
+                "args": argparse.Namespace(Decom=False, kernel_size=kwargs["kernel_size"])}, src)
+    dst = tmp_path / "slak_dense.safetensors"
+    assert main(["--family", "slak", "--src", str(src), "--dst", str(dst), "--kwargs", json.dumps(kwargs)]) == 0
+    model = load_converted(dst).eval()
+    assert model.config["decomposed"] is False
+    with torch.no_grad():
+        y = model(t["__input__"])
+    assert (y - t["__output_deploy__"]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("suffix", ["", ".deploy"], ids=["train_form", "official_deploy_form"])
+def test_convert_replknet_rebuilds_from_metadata(tmp_path, suffix):
+    """RepLKNet converted from its official kwargs alone (no --model): the file records the constructor
+    arguments, and a converted deploy-form file rebuilds in that form."""
+    kwargs = json.loads((GOLDEN / "replknet_dev.json").read_text())["constructor"]["kwargs"]
+    t = load_file(str(GOLDEN / f"replknet_dev{suffix}.safetensors"))
+    src = tmp_path / "replknet.pth"
+    torch.save({"model": {k: v for k, v in t.items() if not k.startswith("__")}}, src)
+    dst = tmp_path / "replknet.safetensors"
+    assert main(["--family", "replknet", "--src", str(src), "--dst", str(dst), "--kwargs", json.dumps(kwargs)]) == 0
+    model = load_converted(dst).eval()
+    ref = t["__output__" if not suffix else "__output_deploy__"]
+    with torch.no_grad():
+        assert (model(t["__input__"]) - ref).abs().max() <= 1e-5
+
+
+def test_partly_merged_checkpoints_align_only_on_an_exact_match():
+    """reparameterize_to_match merges a module only when that makes its keys equal the checkpoint's: a broken
+    checkpoint leaves the model as built (so the error names keys of the form the user asked for)."""
+    from lkvision.compat._common import reparameterize_to_match
+    from lkvision.layers import ReparamLargeKernelConv
+
+    merged = ReparamLargeKernelConv(4, 7, 3)
+    merged.reparameterize()
+    fresh = torch.nn.Sequential(ReparamLargeKernelConv(4, 7, 3))
+    sd = {"0." + k: v for k, v in merged.state_dict().items()}
+    assert reparameterize_to_match(fresh, sd) == ["0"] and fresh[0].is_merged
+    broken = torch.nn.Sequential(ReparamLargeKernelConv(4, 7, 3))
+    del sd["0.conv.bias"]
+    assert reparameterize_to_match(broken, sd) == [] and not broken[0].is_merged

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lkvision
-from conftest import golden_meta, golden_tensors
+from conftest import assert_features_match, golden_meta, golden_tensors
 from lkvision.compat import from_official
 from lkvision.compat.unireplknet import MODEL_KWARGS, convert_state_dict
 from lkvision.models import CheckpointError
@@ -47,21 +47,7 @@ def test_train_form_reproduces_output(train_model):
 def test_features_match_stage_by_stage(train_model):
     """Localises a mismatch: stem, every downsample, every block, final norm (official module names)."""
     model, sd = train_model
-    feats = _load(".features")
-    x = sd["__input__"]
-    ours = {}
-    with torch.no_grad():
-        for i, (pre, stage) in enumerate(model.stage_pairs()):
-            x = pre(x)
-            ours[f"downsample_layers.{i}"] = x
-            for j, block in enumerate(stage):
-                x = block(x)
-                ours[f"stages.{i}.{j}"] = x
-        ours["norm"] = model.forward_head(x, pre_logits=True)
-    assert set(ours) == set(feats)
-    for k, ref in feats.items():
-        tol = TOL * max(1.0, ref.abs().max().item())
-        assert (ours[k] - ref).abs().max().item() <= tol, k
+    assert_features_match(model, sd["__input__"], _load(".features"), TOL)
 
 
 def test_our_deploy_form_reproduces_official_deploy_output(train_model):

@@ -132,3 +132,19 @@ def test_fold_prebn_into_1x1():
         torch.testing.assert_close(fold_bn_into_next_conv1x1(bn, conv)(x), y, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="unpadded 1x1"):
         fold_bn_into_next_conv1x1(bn, nn.Conv2d(6, 4, 3, padding=1))
+
+
+def test_without_bn_is_a_plain_sum_and_merges_exactly():
+    """bn=False (SLaK's bn=False): y = DWConv_K(x) + DWConv_k(x), bias-free, no BN keys; merge is exact."""
+    torch.manual_seed(0)
+    layer = ReparamLargeKernelConv(6, 9, 3, bn=False).eval()
+    assert not any(".bn." in k for k in layer.state_dict())
+    x = torch.randn(2, 6, 13, 11, dtype=torch.float64)
+    layer = layer.double()
+    wl, ws = layer.large.conv.weight, layer.small.conv.weight
+    ref = F.conv2d(x, wl, padding=4, groups=6) + F.conv2d(x, ws, padding=1, groups=6)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), ref, atol=1e-12)
+        layer.reparameterize()
+        assert layer.is_merged and torch.equal(layer.conv.bias, torch.zeros(6, dtype=torch.float64))
+        assert torch.allclose(layer(x), ref, atol=1e-12)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..cli import UsageError, command
+from ..models._weights import ALLOW_PICKLE_HELP
 
 __all__ = ["erf_main", "kernels_main", "sparsity_main", "coverage_main", "flops_main", "build_model",
            "parse_model_kwargs", "RANDOM_WEIGHTS"]
@@ -35,8 +36,10 @@ def parse_model_kwargs(text: str | None, flag: str = "--model-kwargs") -> dict:
 
 
 def build_model(name: str, checkpoint: str | None = None, model_kwargs: dict | None = None,
-                deploy: bool = False, device: str = "cpu") -> torch.nn.Module:
-    """A registered model (optionally with lkvision weights from ``checkpoint``), in eval mode."""
+                deploy: bool = False, device: str = "cpu", allow_pickle: bool = False) -> torch.nn.Module:
+    """A registered model (optionally with lkvision weights from ``checkpoint``), in eval mode.
+
+    ``allow_pickle``: see :func:`lkvision.load_weights` (only for checkpoint files you trust)."""
     import lkvision
 
     try:
@@ -44,7 +47,7 @@ def build_model(name: str, checkpoint: str | None = None, model_kwargs: dict | N
     except TypeError as e:  # an unknown constructor argument from --model-kwargs
         raise UsageError(f"--model-kwargs for {name!r}: {e}") from e
     if checkpoint:
-        lkvision.load_weights(model, checkpoint)
+        lkvision.load_weights(model, checkpoint, allow_pickle=allow_pickle)
     model.eval()
     if deploy:
         model = lkvision.reparameterize(model, inplace=True)
@@ -80,6 +83,7 @@ def _common(p: argparse.ArgumentParser, models_required: bool = True) -> None:
     p.add_argument("--model-kwargs", default=None, help="JSON dict passed to create_model for every model")
     p.add_argument("--out-dir", default="analysis_out", help="where figures/tables are written")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
 
 
 # ----------------------------------------------------------------------------------------------- erf
@@ -113,7 +117,7 @@ def erf_main(argv: list[str] | None = None) -> int:
     ckpts = _per_model(args.checkpoint, len(args.models), "checkpoint")
     random_note = _say_random([n for n, c in zip(args.models, ckpts) if c is None])
     for name, ckpt in zip(args.models, ckpts):
-        model = build_model(name, ckpt, kw, args.deploy, args.device)
+        model = build_model(name, ckpt, kw, args.deploy, args.device, args.allow_pickle)
         batches = image_batches(paths, args.resolution, args.batch_size, args.num_images)
         erf = compute_erf(model, batches, variant=args.variant, device=args.device)
         a = log_normalize(erf)
@@ -162,7 +166,7 @@ def kernels_main(argv: list[str] | None = None) -> int:
     ckpts = _per_model(args.checkpoint, len(args.models), "checkpoint")
     random_note = "" if args.list else _say_random([n for n, c in zip(args.models, ckpts) if c is None])
     for name, ckpt in zip(args.models, ckpts):
-        model = build_model(name, ckpt, kw, False, args.device)
+        model = build_model(name, ckpt, kw, False, args.device, args.allow_pickle)
         if args.list:
             print(f"{name}:")
             for n in find_kernel_layers(model):
@@ -210,14 +214,16 @@ def sparsity_main(argv: list[str] | None = None) -> int:
                    help="optional file of {weight key: mask} (safetensors or torch); else zeros define pruning")
     p.add_argument("--nk", type=int, default=None, help="filters per group when it cannot be inferred")
     p.add_argument("--out-dir", default="analysis_out")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     args = p.parse_args(argv)
     from ..models._weights import load_state_dict_file
 
     if args.model:
-        source = build_model(args.model, args.checkpoint, parse_model_kwargs(args.model_kwargs))
+        source = build_model(args.model, args.checkpoint, parse_model_kwargs(args.model_kwargs),
+                             allow_pickle=args.allow_pickle)
     else:
-        source = load_state_dict_file(args.checkpoint)
-    masks = _load_masks(args.masks) if args.masks else None
+        source = load_state_dict_file(args.checkpoint, allow_pickle=args.allow_pickle)
+    masks = _load_masks(args.masks, args.allow_pickle) if args.masks else None
     rep = sparsity_report(source, masks=masks, nk=args.nk)
     rows = rep.rows()
     print(format_table(rows, ["layer_no", "name", "stage", "groups", "nk", "pruned", "sparsity"]))
@@ -233,10 +239,10 @@ def sparsity_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _load_masks(path: str) -> dict[str, torch.Tensor]:
+def _load_masks(path: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     from ..models._weights import load_state_dict_file
 
-    sd = load_state_dict_file(path)
+    sd = load_state_dict_file(path, allow_pickle=allow_pickle)
     return {k[:-5] + ".weight" if k.endswith(".mask") else k: v for k, v in sd.items()}
 
 
@@ -301,7 +307,8 @@ def flops_main(argv: list[str] | None = None) -> int:
     p.add_argument("--by-operator", action="store_true", help="also report FLOPs per aten operator")
     args = p.parse_args(argv)
     rows = complexity_table(args.models, args.resolution, args.forms, parse_model_kwargs(args.model_kwargs),
-                            _per_model(args.checkpoint, len(args.models), "checkpoint"), args.by_operator)
+                            _per_model(args.checkpoint, len(args.models), "checkpoint"), args.by_operator,
+                            allow_pickle=args.allow_pickle)
     cols = ["model", "form", "resolution", "params_M", "nonzero_params_M", "GFLOPs", "GMACs"]
     print(format_table(rows, cols))
     if args.by_operator:

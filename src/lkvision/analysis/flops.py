@@ -43,11 +43,13 @@ def complexity_table(
     model_kwargs: dict | None = None,
     checkpoints: Sequence[str | None] | None = None,
     by_operator: bool = False,
+    allow_pickle: bool = False,
 ) -> list[dict]:
     """One row per (model, form): ``model, form, resolution, params_M, nonzero_params_M, GFLOPs, GMACs``.
 
     ``models``: registered names or modules. ``forms``: ``"train"`` (as built) and/or ``"deploy"``
-    (:func:`lkvision.reparameterize`, i.e. every re-param branch merged).
+    (:func:`lkvision.reparameterize`, i.e. every re-param branch merged). ``allow_pickle``: see
+    :func:`lkvision.load_weights` (only for checkpoint files you trust).
     """
     import lkvision
 
@@ -61,7 +63,7 @@ def complexity_table(
             name = m
             model = lkvision.create_model(m, **(model_kwargs or {}))
             if ckpt:
-                lkvision.load_weights(model, ckpt)
+                lkvision.load_weights(model, ckpt, allow_pickle=allow_pickle)
         else:
             name, model = type(m).__name__, m
         model.eval()

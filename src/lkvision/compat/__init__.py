@@ -30,10 +30,13 @@ def canonical_family(family: str) -> str:
     return f
 
 
-def from_official(family: str, state_dict: Mapping[str, torch.Tensor] | str, **official_kwargs) -> nn.Module:
+def from_official(family: str, state_dict: Mapping[str, torch.Tensor] | str, *, allow_pickle: bool = False,
+                  **official_kwargs) -> nn.Module:
     """Build the lkvision model for an official checkpoint and load it.
 
     ``state_dict``: the official state dict (or a path to an official checkpoint file).
+    ``allow_pickle``: for a path, see :func:`lkvision.models.load_state_dict_file` (default False: nothing in
+    the file is executed; True only for files you trust).
     ``official_kwargs``: the official constructor's keyword arguments (e.g. ``depths``, ``dims``,
     ``kernel_size``, ``ghost_ratio``, ``N_path``, ``N_rep`` for ShiftWise).
     """
@@ -41,7 +44,7 @@ def from_official(family: str, state_dict: Mapping[str, torch.Tensor] | str, **o
     if not isinstance(state_dict, Mapping):
         from ..models._weights import load_state_dict_file
 
-        state_dict = load_state_dict_file(state_dict)
+        state_dict = load_state_dict_file(state_dict, allow_pickle=allow_pickle)
     state_dict = {k: v for k, v in state_dict.items() if not (k.startswith("__") and k.endswith("__"))}
     mod = importlib.import_module(f"lkvision.compat.{fam}")
     return mod.from_official(state_dict, **official_kwargs)

@@ -22,6 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from ..cli import UsageError, command
+from ..models._weights import ALLOW_PICKLE_HELP
 
 __all__ = ["main", "convert", "load_converted"]
 
@@ -50,8 +51,10 @@ def _official_kwargs(family: str, model: str | None, kwargs_json: str | None) ->
 
 
 def convert(family: str, src: str | Path, dst: str | Path, model_name: str | None = None,
-            official_kwargs: dict | None = None) -> tuple[nn.Module, dict[str, str]]:
+            official_kwargs: dict | None = None, allow_pickle: bool = False) -> tuple[nn.Module, dict[str, str]]:
     """Load an official checkpoint, build our model, save it as safetensors with metadata.
+
+    ``allow_pickle``: see :func:`lkvision.models.load_state_dict_file` (only for files you trust).
 
     Returns ``(model, metadata)``.
     """
@@ -60,7 +63,7 @@ def convert(family: str, src: str | Path, dst: str | Path, model_name: str | Non
 
     fam = canonical_family(family)
     kw = dict(official_kwargs or {})
-    sd = load_state_dict_file(src)
+    sd = load_state_dict_file(src, allow_pickle=allow_pickle)
     model = from_official(fam, sd, **kw)
     model_kwargs = getattr(model, "config", None)
     try:
@@ -80,10 +83,12 @@ def convert(family: str, src: str | Path, dst: str | Path, model_name: str | Non
 
 
 def load_converted(path: str | Path) -> nn.Module:
-    """Rebuild a model written by :func:`convert` (metadata -> constructor) and load its weights."""
+    """Rebuild a model written by :func:`convert` (metadata -> constructor) and load its weights (a converted
+    deploy-form checkpoint rebuilds in that form)."""
     from safetensors import safe_open
 
-    from ..models import create_model, load_weights
+    from ..models import create_model, load_state_dict_file, load_weights
+    from ._common import reparameterize_to_match
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -96,7 +101,9 @@ def load_converted(path: str | Path) -> nn.Module:
         model = getattr(importlib.import_module(mod), cls)(**kwargs)
     else:
         raise ValueError(f"{path} has no lkvision metadata (not written by `lkvision convert`)")
-    return load_weights(model, path)
+    sd = load_state_dict_file(path)
+    reparameterize_to_match(model, sd)
+    return load_weights(model, sd)
 
 
 @command("lkvision convert")
@@ -113,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="lkvision model name whose official kwargs to use (e.g. sw_tiny)")
     p.add_argument("--kwargs", default=None,
                    help="official constructor kwargs as a JSON object or a JSON file (applied after --model)")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     args = p.parse_args(argv)
     if not args.model and not args.kwargs:
         p.error("give --model NAME and/or --kwargs JSON (the official constructor arguments)")
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     kw = _official_kwargs(fam, args.model, args.kwargs)
     t0 = time.perf_counter()
     try:
-        model, meta = convert(fam, args.src, args.dst, args.model, kw)
+        model, meta = convert(fam, args.src, args.dst, args.model, kw, allow_pickle=args.allow_pickle)
     except TypeError as e:  # an official constructor argument that does not exist
         raise UsageError(f"--kwargs / --model: {e}") from e
     from ..utils import count_params

@@ -1,10 +1,16 @@
 """Official RepLKNet checkpoints (DingXiaoH/RepLKNet-pytorch ``replknet.py``) -> lkvision ``RepLKNet``.
 
-Both official forms load:
-  * train form: ``large_kernel.lkb_origin`` + ``large_kernel.small_conv`` (``conv``/``bn`` each);
+Every official form loads:
+  * train form: ``large_kernel.lkb_origin`` + ``large_kernel.small_conv`` (``conv``/``bn`` each; no
+    ``small_conv`` with ``small_kernel=None``, e.g. RepLKNet-XL);
   * deploy form (``structural_reparam()`` or ``small_kernel_merged=True``): ``large_kernel.lkb_reparam``
     (a biased conv). The returned model then has its large-kernel layers merged (as the official deploy
-    model) and its other BNs unfolded; :func:`lkvision.reparameterize` folds the rest.
+    model) and its other BNs unfolded; :func:`lkvision.reparameterize` folds the rest;
+  * after ``deep_fuse_BN()`` (with or without ``structural_reparam()``): every conv + BN pair is one biased
+    ``conv``; the same pairs of our model are folded before loading;
+  * the downstream backbone (``num_classes=None, out_indices=...``; ``stages.i.norm`` with
+    ``norm_intermediate_features=True``), also inside an mmdet/mmseg checkpoint (``backbone.*``), or
+    DDP-wrapped (``module.*``). Any number of stages (``len(layers)``) is accepted, as by the official code.
 
 Key map (official -> lkvision):
 
@@ -27,9 +33,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..layers.reparam_conv import ReparamLargeKernelConv
 from ..models._weights import CheckpointError, check_state_dict
 from ..models.replknet import RepLKNet
+from ._common import reparameterize_to_match, unwrap_state_dict
 
 __all__ = ["from_official", "convert_state_dict", "model_kwargs_from_official", "MODEL_KWARGS"]
 
@@ -122,29 +128,23 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], features_only: bo
     return out
 
 
-def _is_deploy(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return any(".lkb_reparam." in k for k in state_dict)
-
-
 def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> RepLKNet:
     """Build our RepLKNet from the official constructor kwargs and load an official state dict.
 
     Accepts the official train form and the official deploy form (``lkb_reparam``). Raises
     :class:`~lkvision.models.CheckpointError` naming missing/unexpected keys or shape mismatches.
     """
-    state_dict = {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()
-                  if not (k.startswith("__") and k.endswith("__"))}
+    state_dict = unwrap_state_dict(state_dict)
     kw = model_kwargs_from_official(**official_kwargs)
     model = RepLKNet(**kw)
-    if _is_deploy(state_dict):
-        for m in model.modules():
-            if isinstance(m, ReparamLargeKernelConv):
-                m.reparameterize()
+    #: constructor arguments (JSON-able), recorded by `lkvision convert` to rebuild the model
+    model.config = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
     sd = convert_state_dict(state_dict, features_only=model.features_only)
     if model.features_only:  # the official backbone keeps its (unused) classifier norm and every stage norm
         keep = {f"feature_norms.{i}." for i in model.out_indices}
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")
               and (not k.startswith("feature_norms.") or any(k.startswith(p) for p in keep))}
+    reparameterize_to_match(model, sd)  # official deploy form (lkb_reparam), deep_fuse_BN
     try:
         check_state_dict(model, sd, strict=True)
     except CheckpointError as e:

@@ -5,6 +5,11 @@ the official constructor's keyword arguments and loads the official state dict, 
 (``large_kernel.LoRAs.{b}.weight``, one per Rep branch) or the official deploy form
 (``large_kernel.LoRA.weight``, branches merged; our model is then built with ``num_branches=1``).
 ``to_official(model)`` goes the other way (train form, or the merged form with ``merged=True``).
+Any ``N_path`` (Rep branches), ``N_rep`` (edges), ``ghost_ratio``, kernel sizes (M per stage, odd N <= M),
+``bn`` and layer scale of the official constructor load. The downstream backbones
+(``downstream/*/SW_v2_unirep.py``: ``norm0..3`` instead of ``norm``/``head``) load into a ``features_only``
+model, also from an mmdet/mmseg checkpoint (``backbone.*``); ``module.`` (DDP) prefixes are stripped. As in the
+official constructor (which takes ``**kwargs``), arguments it does not know are ignored -- with a warning.
 
 The shift tables and the ghost split are not in official checkpoints; our model regenerates them bit for bit
 (seed 123) and keeps them as buffers.
@@ -25,6 +30,7 @@ Key map (official -> lkvision), ``i`` = stage, ``j`` = block::
     stages.i.j.pwconv2.0.weight              -> stages.i.j.fc2.weight
     stages.i.j.pwconv2.2.*                   -> stages.i.j.fc_norm.*
     stages.i.j.gamma                         -> stages.i.j.layer_scale.gamma
+    norm{i}.*   (downstream backbones)       -> feature_norms.{i}.*
     norm.*                                   -> norm.*
     head.*                                   -> head.*
 """
@@ -32,12 +38,14 @@ Key map (official -> lkvision), ``i`` = stage, ``j`` = block::
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
 
-from ..models._weights import CheckpointError
+from ..models._weights import CheckpointError, classifier_size_hint
 from ..models.shiftwise import ShiftWiseNet
+from ._common import feature_norm_indices, keep_feature_norms, unwrap_state_dict
 
 __all__ = ["from_official", "to_official", "official_to_lkvision_kwargs", "convert_state_dict", "MODEL_KWARGS",
            "OFFICIAL_DEFAULTS", "TABLE_BUFFERS"]
@@ -49,6 +57,9 @@ OFFICIAL_DEFAULTS: dict = dict(
     bn=True, ghost_ratio=0.23, N_path=2, N_rep=4, left_first_stage=False,
 )
 _IGNORED = {"left_first_stage", "pretrained", "in_22k"}  # accepted by the official code, no effect here
+# the downstream backbones' arguments: out_indices selects the outputs; init_cfg only names the file to load and
+# sparse only re-applies the zeros the checkpoint holds.
+_DOWNSTREAM = {"out_indices", "init_cfg", "sparse"}
 
 _PAPER = dict(kernel_size=[51, 49, 47, 13, 3], ghost_ratio=0.23, N_path=2, N_rep=4)
 # Official constructor kwargs of each registered lkvision model (sw_tiny = ShiftWise_v2_tiny with the paper's
@@ -114,6 +125,9 @@ def _map_key(key: str) -> str | None:
         return None
     if re.fullmatch(r"(norm|head)\.(weight|bias)", key):
         return key  # the head keeps its official names
+    m = re.fullmatch(r"norm([0-3])\.(weight|bias)", key)
+    if m:
+        return f"feature_norms.{m[1]}.{m[2]}"
     return None
 
 
@@ -136,25 +150,36 @@ def _inverse_key(key: str, merged: bool) -> str | None:
         raise KeyError(f"no official name for {key!r}")
     if re.fullmatch(r"(norm|head)\.(weight|bias)", key):
         return key
+    m = re.fullmatch(r"feature_norms\.([0-3])\.(weight|bias)", key)
+    if m:
+        return f"norm{m[1]}.{m[2]}"
     raise KeyError(f"no official name for {key!r}")
 
 
-def official_to_lkvision_kwargs(**official_kwargs) -> dict:
-    """Official ``ShiftWise_v2`` constructor kwargs -> :class:`ShiftWiseNet` kwargs."""
-    unknown = set(official_kwargs) - set(OFFICIAL_DEFAULTS) - _IGNORED
-    if unknown:
-        raise TypeError(f"unknown ShiftWise_v2 arguments: {sorted(unknown)}; known: {sorted(OFFICIAL_DEFAULTS)}")
+def official_to_lkvision_kwargs(sd: Mapping[str, torch.Tensor] | None = None, **official_kwargs) -> dict:
+    """Official ``ShiftWise_v2`` constructor kwargs (and, given ``sd``, its downstream layout) ->
+    :class:`ShiftWiseNet` kwargs."""
+    unknown = set(official_kwargs) - set(OFFICIAL_DEFAULTS) - _IGNORED - _DOWNSTREAM
+    if unknown:  # the official constructor takes **kwargs and ignores them; so do we, loudly
+        warnings.warn(f"ignoring ShiftWise_v2 arguments it does not use: {sorted(unknown)} (known: "
+                      f"{sorted(OFFICIAL_DEFAULTS)})", stacklevel=3)
+        official_kwargs = {k: v for k, v in official_kwargs.items() if k not in unknown}
     kw = {**OFFICIAL_DEFAULTS, **official_kwargs}
     ks = list(kw["kernel_size"])
     if len(ks) != 5:
         raise ValueError(f"kernel_size must list the 4 stage kernels M and the small kernel N, got {ks}")
     dims = [int(d * kw["width_factor"]) for d in kw["dims"]]
+    norms = feature_norm_indices(sd) if sd is not None else ()
+    features = {}
+    if kw.get("out_indices") is not None or norms:
+        idx = kw.get("out_indices")
+        features = dict(num_classes=0, features_only=True, out_indices=list(idx if idx is not None else norms))
     return dict(
         depths=list(kw["depths"]), dims=dims, big_kernels=ks[:4], small_kernel=ks[4],
         num_branches=kw["N_path"], edges=kw["N_rep"], ghost_ratio=kw["ghost_ratio"], in_chans=kw["in_chans"],
         num_classes=kw["num_classes"], drop_path_rate=kw["drop_path_rate"],
         layer_scale_init_value=kw["layer_scale_init_value"], head_init_scale=kw["head_init_scale"], bn=kw["bn"],
-    )
+    ) | features
 
 
 def _is_deploy_form(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -164,10 +189,8 @@ def _is_deploy_form(state_dict: Mapping[str, torch.Tensor]) -> bool:
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename official keys to lkvision keys; raises :class:`CheckpointError` naming unknown keys."""
     out, unknown = {}, []
-    for k, v in state_dict.items():
-        if k.startswith("__") and k.endswith("__"):
-            continue
-        new = _map_key(k[7:] if k.startswith("module.") else k)
+    for k, v in unwrap_state_dict(state_dict).items():
+        new = _map_key(k)
         if new is None:
             unknown.append(k)
         else:
@@ -190,7 +213,10 @@ def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> 
     and loaded into a model with one branch. Missing, unexpected or mis-shaped keys raise
     :class:`CheckpointError` naming them (in official names).
     """
-    kw = official_to_lkvision_kwargs(**official_kwargs)
+    state_dict = unwrap_state_dict(state_dict)
+    kw = official_to_lkvision_kwargs(state_dict, **official_kwargs)
+    if kw.get("features_only"):
+        state_dict = keep_feature_norms(state_dict, kw["out_indices"])
     if _is_deploy_form(state_dict):
         kw["num_branches"] = 1
     else:
@@ -198,7 +224,7 @@ def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> 
         if n and n != kw["num_branches"]:
             raise CheckpointError(f"the checkpoint has {n} Rep branches (LoRAs.*) but N_path={kw['num_branches']}")
     sd = convert_state_dict(state_dict)
-    official_name = {_map_key(k[7:] if k.startswith("module.") else k): k for k in state_dict}
+    official_name = {_map_key(k): k for k in state_dict}
     model = ShiftWiseNet(**kw)
     own = model.state_dict()
     expected = {k for k in own if not k.endswith(TABLE_BUFFERS)}
@@ -220,7 +246,7 @@ def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> 
             "official ShiftWise checkpoint does not match the model built from the given arguments "
             f"(depths={kw['depths']}, dims={kw['dims']}, kernel_size={kw['big_kernels'] + [kw['small_kernel']]}, "
             f"ghost_ratio={kw['ghost_ratio']}, N_path={kw['num_branches']}, N_rep={kw['edges']}): "
-            + " | ".join(problems)
+            + " | ".join(problems) + classifier_size_hint(own, sd)
         )
     for k in own:
         if k not in sd:

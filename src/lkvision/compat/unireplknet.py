@@ -2,7 +2,11 @@
 
 Accepted: the train form, the official deploy form (``deploy=True`` / after ``reparameterize_unireplknet()``:
 ``dwconv.lk_origin`` with bias, no block ``norm``, no GRN ``beta``, no ``gamma``, ``pwconv2.0`` with bias),
-and the downstream "features" form (``norm0..norm3`` instead of ``norm``/``head``).
+and the downstream "features" form (``norm0..norm3`` instead of ``norm``/``head``), also inside an mmdet/mmseg
+checkpoint (``backbone.*``) or DDP-wrapped (``module.*``). Every variant (A/F/P/N/T/S/B/L/XL, the IN-22k
+pretraining checkpoints with their 21841-class head -- pass ``num_classes=21841`` -- and the 384 fine-tuned
+ones, whose weights do not depend on the resolution) and every block kernel size the official block accepts
+(0 = no depth-wise conv, 3, 5, and the dilated-reparam sizes 7..17) load.
 
 Official -> lkvision names::
 
@@ -32,14 +36,24 @@ import torch
 from ..layers.dilated import dilated_branches_for
 from ..models._weights import CheckpointError, check_state_dict
 from ..models.unireplknet import UNIREPLKNET_CONFIGS, UniRepLKNet
+from ._common import unwrap_state_dict
 
-__all__ = ["from_official", "convert_state_dict", "official_to_model_kwargs", "MODEL_KWARGS"]
+__all__ = ["from_official", "convert_state_dict", "official_to_model_kwargs", "MODEL_KWARGS", "OFFICIAL_VARIANTS"]
 
 #: official constructor kwargs of each registered lkvision model: the official variants share our config table
 #: (depths, dims; kernel sizes are the official per-depth defaults); the tiny test config has no official twin.
 MODEL_KWARGS: dict[str, dict] = {
     name: dict(depths=cfg["depths"], dims=cfg["dims"])
     for name, cfg in UNIREPLKNET_CONFIGS.items() if "kernel_sizes" not in cfg
+}
+
+#: the official variants (``unireplknet_a`` .. ``unireplknet_xl`` in the official ``unireplknet.py``), as official
+#: constructor kwargs; kernel sizes are the official per-depth defaults. IN-22k pretraining checkpoints add
+#: ``num_classes=21841``.
+OFFICIAL_VARIANTS: dict[str, dict] = {
+    **MODEL_KWARGS,  # A, F, P, N, T, S, B (registered lkvision models)
+    "unireplknet_l": dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)),
+    "unireplknet_xl": dict(depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048)),
 }
 
 _OFFICIAL_KWARGS = {
@@ -132,7 +146,7 @@ def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> 
     The deploy form is recognised from the keys (or ``deploy=True``); the returned model is then the
     lkvision deploy-form model. Raises :class:`~lkvision.models.CheckpointError` naming bad keys.
     """
-    sd = {k: v for k, v in state_dict.items() if not (k.startswith("__") and k.endswith("__"))}
+    sd = unwrap_state_dict(state_dict)
     kw = official_to_model_kwargs(sd, **official_kwargs)
     model = UniRepLKNet(**kw)
     converted = convert_state_dict(sd, model.kernel_sizes)

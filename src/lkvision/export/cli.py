@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..cli import command
+from ..models._weights import ALLOW_PICKLE_HELP
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--static-batch", action="store_true", help="fixed batch size 1 instead of a dynamic batch")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     return p
 
 
@@ -28,11 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from .. import create_model
+    from .. import create_model, load_weights
     from .onnx import ExportError, example_input, export_onnx, export_program
 
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    model = create_model(args.model, pretrained=args.checkpoint or False, **kwargs).eval()
+    model = create_model(args.model, **kwargs)
+    if args.checkpoint:
+        load_weights(model, args.checkpoint, allow_pickle=args.allow_pickle)
+    model.eval()
     try:
         if args.format == "onnx":
             res = export_onnx(model, args.out, args.img_size, opset=args.opset,

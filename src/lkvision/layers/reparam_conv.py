@@ -104,13 +104,15 @@ class ReparamLargeKernelConv(nn.Module):
             non-negative per axis.
         sync_bn: use ``SyncBatchNorm`` for both BNs.
         stride: stride of both branches (1 in RepLKNet; 2 for MobileNetV2's down-sampling DW convs).
+        bn: a BN after each branch (default). ``bn=False`` (SLaK's ``bn=False``): bias-free convs only,
+            ``y = DWConv_K(x) + DWConv_k(x)``; ``large.bn``/``small.bn`` are ``nn.Identity``.
 
     Shapes: (B, C, H, W) -> (B, C, H', W'), H' = floor((H + 2*(kh//2) - kh) / stride) + 1.
     """
 
     def __init__(self, channels: int, kernel_size: int | tuple[int, int],
                  small_kernel: int | tuple[int, int] | None = None, sync_bn: bool = False,
-                 stride: int = 1) -> None:
+                 stride: int = 1, bn: bool = True) -> None:
         super().__init__()
         ks = _pair(kernel_size)
         if min(ks) < 1:
@@ -136,6 +138,10 @@ class ReparamLargeKernelConv(nn.Module):
         if sk is not None:
             self.small = ConvBN(channels, channels, sk, stride=stride, padding=(sk[0] // 2, sk[1] // 2),
                                 groups=channels, sync_bn=sync_bn)
+        if not bn:
+            for branch in (self.large, self.small):
+                if branch is not None:
+                    branch.bn = nn.Identity()
         self.conv: nn.Conv2d | None = None  # the merged (deploy) conv
 
     @property

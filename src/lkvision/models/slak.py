@@ -6,11 +6,16 @@ Block (dim C, big kernel M, small kernel N)::
     y = NHWC -> LayerNorm -> Linear(4C) -> GELU -> Linear(C) -> NCHW
     out = x + DropPath(gamma * y)
 
+With ``decomposed=False`` (the official ``Decom=False``, e.g. the README's ConvNeXt setting
+``--kernel_size 7 7 7 7 100``) the large kernel is dense: ``BN(DW M x M) + BN(DW N x N)`` (the N x N branch only
+when N < M), a :class:`~lkvision.layers.ReparamLargeKernelConv` that merges exactly into one biased M x M conv.
+
 Stem: 4x4 s4 conv -> LN. Downsample: LN -> 2x2 s2 conv. Head: global mean -> LayerNorm -> Linear.
 The published widths are ConvNeXt's times ``width_factor`` 1.3 (``int(d * 1.3)``: 124, 249, 499, 998);
 our constructor takes the final ``dims`` (the config table applies the factor).
 
-The official SLaK has no deploy form. Ours (:func:`lkvision.reparameterize`): each StripConv merges into two
+The official SLaK has no deploy form for the decomposed kernel (its ``merge_kernel`` handles only the dense
+one). Ours (:func:`lkvision.reparameterize`): each StripConv merges into two
 biased strips (or one dense L x L kernel with ``deploy_dense=True``, slower with native PyTorch convs), and
 the layer scale folds into the second Linear. Sparse training (40% sparsity in the paper) lives in
 :mod:`lkvision.sparse`; the models here are dense.
@@ -24,6 +29,7 @@ import torch
 from torch import nn
 
 from ..layers import DropPath, LayerScale2d
+from ..layers.reparam_conv import ReparamLargeKernelConv
 from ..layers.strip import StripConv
 from ._base import ConvNeXtMacroNet
 from ._registry import register_model
@@ -48,6 +54,9 @@ class SLaKBlock(nn.Module):
         bn: BatchNorm after every strip branch.
         sync_bn: SyncBatchNorm.
         deploy, deploy_dense: build the merged form directly / merge to a dense kernel (see StripConv).
+        decomposed: True (default): M x N + N x M strips (:class:`StripConv`, official ``Decom=True``);
+            False: a dense M x M kernel + the N x N kernel when N < M (:class:`ReparamLargeKernelConv`,
+            official ``Decom=False``; any N >= M, even or odd, means no small kernel).
     """
 
     def __init__(
@@ -61,10 +70,14 @@ class SLaKBlock(nn.Module):
         sync_bn: bool = False,
         deploy: bool = False,
         deploy_dense: bool = False,
+        decomposed: bool = True,
     ) -> None:
         super().__init__()
-        self.large_kernel = StripConv(dim, kernel_size, small_kernel, bn=bn, sync_bn=sync_bn, deploy=deploy,
-                                      deploy_dense=deploy_dense)
+        if decomposed:
+            self.large_kernel: nn.Module = StripConv(dim, kernel_size, small_kernel, bn=bn, sync_bn=sync_bn,
+                                                     deploy=deploy, deploy_dense=deploy_dense)
+        else:
+            self.large_kernel = _dense_large_kernel(dim, kernel_size, small_kernel, bn, sync_bn, deploy)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.fc1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
@@ -90,6 +103,25 @@ class SLaKBlock(nn.Module):
             self.layer_scale = nn.Identity()
 
 
+def _dense_large_kernel(dim: int, kernel_size: int, small_kernel: int, bn: bool, sync_bn: bool,
+                        deploy: bool) -> ReparamLargeKernelConv:
+    """SLaK's ``Decom=False`` kernel: BN(DW M x M) (+ BN(DW N x N) when N < M), padding from the filter shape."""
+    for name, k in (("kernel_size", kernel_size), ("small_kernel", small_kernel)):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"SLaK: {name} must be a positive int, got {k!r}")
+    small = small_kernel if small_kernel < kernel_size else None
+    if kernel_size % 2 == 0 or (small is not None and small % 2 == 0):
+        raise ValueError(
+            f"SLaK (decomposed=False): kernel sizes must be odd where both branches exist, got M={kernel_size}, "
+            f"N={small_kernel}: with the official (k//2) padding an even kernel makes the output one row/column "
+            "larger than the input, so the residual cannot be added (N >= M, any parity, means no N x N branch)"
+        )
+    layer = ReparamLargeKernelConv(dim, kernel_size, small, sync_bn=sync_bn, bn=bn)
+    if deploy:
+        layer.reparameterize()
+    return layer
+
+
 class SLaK(ConvNeXtMacroNet):
     """SLaK classifier / backbone.
 
@@ -106,6 +138,8 @@ class SLaK(ConvNeXtMacroNet):
         sync_bn: SyncBatchNorm.
         deploy: build the merged (deploy) form directly.
         deploy_dense: the merged form uses one dense M x M kernel per block instead of two strips.
+        decomposed: strips (default, official ``Decom=True``) or a dense M x M kernel (``Decom=False``); see
+            :class:`SLaKBlock`.
         features_only, out_indices: return the per-stage feature maps after a channels-first LayerNorm.
 
     Input (B, in_chans, H, W), H, W >= 32; output logits (B, num_classes).
@@ -126,6 +160,7 @@ class SLaK(ConvNeXtMacroNet):
         sync_bn: bool = False,
         deploy: bool = False,
         deploy_dense: bool = False,
+        decomposed: bool = True,
         features_only: bool = False,
         out_indices: Sequence[int] | None = None,
     ) -> None:
@@ -141,7 +176,8 @@ class SLaK(ConvNeXtMacroNet):
             depths=list(depths), dims=list(dims), kernel_sizes=list(kernel_sizes), small_kernel=small_kernel,
             in_chans=in_chans, num_classes=num_classes, drop_path_rate=drop_path_rate,
             layer_scale_init_value=layer_scale_init_value, head_init_scale=head_init_scale, bn=bn,
-            sync_bn=sync_bn, deploy=deploy, deploy_dense=deploy_dense, features_only=features_only,
+            sync_bn=sync_bn, deploy=deploy, deploy_dense=deploy_dense, decomposed=decomposed,
+            features_only=features_only,
             out_indices=None if out_indices is None else list(out_indices),
         )
         self.in_chans, self.num_classes = in_chans, num_classes
@@ -156,7 +192,7 @@ class SLaK(ConvNeXtMacroNet):
             self.stages.append(nn.Sequential(*[
                 SLaKBlock(dims[i], kernel_sizes[i], small_kernel, drop_path=rates[cur + j],
                           layer_scale_init_value=layer_scale_init_value, bn=bn, sync_bn=sync_bn,
-                          deploy=deploy, deploy_dense=deploy_dense)
+                          deploy=deploy, deploy_dense=deploy_dense, decomposed=decomposed)
                 for j in range(depths[i])
             ]))
             cur += depths[i]

@@ -224,6 +224,7 @@ def find_latest(output: str | os.PathLike) -> Path | None:
 def load_checkpoint(state_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model weights, training state) of a checkpoint written by :func:`save_checkpoint`."""
     from ..models import CheckpointError, load_state_dict_file
+    from ..models._weights import read_torch_file
 
     state_path = Path(state_path)
     if state_path.suffix == ".safetensors":
@@ -234,7 +235,7 @@ def load_checkpoint(state_path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     if not wpath.is_file():
         raise CheckpointError(f"{state_path} has no weights file {wpath.name} next to it")
     try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = read_torch_file(state_path)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot read training state {state_path}: {type(e).__name__}: {e}") from e
     weights = load_state_dict_file(wpath)

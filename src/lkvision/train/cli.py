@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..cli import command
 from ..fileio import atomic_write_json
+from ..models._weights import ALLOW_PICKLE_HELP
 from .config import ConfigError, describe_fields, list_recipes, load_recipe, make_config, parse_set
 
 __all__ = ["train_main", "eval_main", "build_train_parser", "build_eval_parser"]
@@ -70,6 +71,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --output (deletes its checkpoints, metrics, best/final weights)")
     p.add_argument("--finetune", help="initial weights file")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP + "; applies to --finetune")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--workers", type=int, help="DataLoader workers per process")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"])
@@ -116,7 +118,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from .stop import TrainingAborted, TrainingInterrupted
 
     try:
-        summary = train(cfg)
+        summary = train(cfg, allow_pickle=args.allow_pickle)
     except TrainingInterrupted as e:
         _say_main(f"lkvision train: stopped by {_signame(e.signum)} after step {e.step}, checkpoint "
                   f"{e.checkpoint}; continue with: {resume_command(argv)}")
@@ -190,6 +192,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=int, help="evaluate only this many images")
     p.add_argument("--json", help="also write the result to this JSON file")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     return p
 
 
@@ -263,11 +266,11 @@ def run_eval(args: argparse.Namespace) -> dict:
             raise ValueError(f"no official kwargs for model {cfg.model!r} in lkvision.compat.{fam}.MODEL_KWARGS "
                              f"(known: {sorted(kwargs_table)})")
         official_kwargs = {**kwargs_table[cfg.model], "num_classes": num_classes, "in_chans": in_chans}
-        model = from_official(fam, str(ckpt), **official_kwargs)
+        model = from_official(fam, str(ckpt), allow_pickle=args.allow_pickle, **official_kwargs)
     else:
         model = build_model(cfg, num_classes, in_chans)
         if weights is None:
-            weights = load_state_dict_file(ckpt)
+            weights = load_state_dict_file(ckpt, allow_pickle=args.allow_pickle)
         try:
             load_weights(model, weights)
         except CheckpointError as e:

@@ -304,28 +304,33 @@ def _write_metrics(output: Path, hist: _History, summary: dict | None) -> None:
     atomic_write_json(output / "metrics.json", {"epochs": hist.epochs, "summary": summary or {}})
 
 
-def train(cfg: TrainConfig, info: DistInfo | None = None) -> dict[str, Any]:
-    """Run the recipe ``cfg``; returns the summary dict (also written to ``<output>/metrics.json``)."""
+def train(cfg: TrainConfig, info: DistInfo | None = None, *, allow_pickle: bool = False) -> dict[str, Any]:
+    """Run the recipe ``cfg``; returns the summary dict (also written to ``<output>/metrics.json``).
+
+    ``allow_pickle``: unpickle the ``finetune`` file fully (:func:`lkvision.load_weights`; only for files you
+    trust). It is an argument, not a recipe key, so that a recipe can never opt in on a user's behalf.
+    """
     own_dist = info is None
     info = info or init_distributed(cfg.device, cfg.dist_backend)
     try:
-        return _train(cfg, info)
+        return _train(cfg, info, allow_pickle)
     finally:
         if own_dist:
             cleanup_distributed(info)
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+def _train(cfg: TrainConfig, info: DistInfo, allow_pickle: bool = False) -> dict[str, Any]:
     _claim_output(cfg, info)
     log = _Logger(info, Path(cfg.output))
     try:
         with GracefulStop(announce=info.is_main) as stop:  # armed by _run for the training loop only
-            return _run(cfg, info, log, stop)
+            return _run(cfg, info, log, stop, allow_pickle)
     finally:
         log.close()
 
 
-def _run(cfg: TrainConfig, info: DistInfo, log: _Logger, stop: GracefulStop) -> dict[str, Any]:
+def _run(cfg: TrainConfig, info: DistInfo, log: _Logger, stop: GracefulStop,
+         allow_pickle: bool = False) -> dict[str, Any]:
     device = info.device
     output = Path(cfg.output)
     if cfg.threads:
@@ -360,7 +365,7 @@ def _run(cfg: TrainConfig, info: DistInfo, log: _Logger, stop: GracefulStop) -> 
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = build_model(cfg, num_classes, in_chans)
     if cfg.finetune:
-        _load_finetune(model, cfg.finetune, log)
+        _load_finetune(model, cfg.finetune, log, allow_pickle)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -719,10 +724,10 @@ def _first_batch(dataset, sampler: ResumableSampler, batch_size: int) -> tuple[t
     return x, y
 
 
-def _load_finetune(model: nn.Module, path: str, log) -> None:
+def _load_finetune(model: nn.Module, path: str, log, allow_pickle: bool = False) -> None:
     from ..models import load_state_dict_file, load_weights
 
-    sd = load_state_dict_file(path)
+    sd = load_state_dict_file(path, allow_pickle=allow_pickle)
     own = model.state_dict()
     head = [k for k in sd if k in own and sd[k].shape != own[k].shape and k.startswith("head")]
     for k in head:
