@@ -236,15 +236,10 @@ def auto_case(channels, big_kernel, shape, *, dtype=torch.float32, device="cpu")
     """impl="auto" of a ShiftWiseConv2d (train form, then deploy form) with the CUDA-only measured dispatch
     opened to CPU tensors (interpreter): every candidate (fused Triton op vs PyTorch strips) must run
     forward + backward under autoselect's timer, and the layer must still match the float64 reference."""
-    import functools
-    import importlib
-
     from lkvision.ops import autoselect
 
-    shift_add = importlib.import_module("lkvision.ops.shift_add")  # (lkvision.ops.shift_add is also a function)
-
-    orig, counts = shift_add._kernels_module, (autoselect.WARMUP, autoselect.REPEATS)
-    shift_add._kernels_module = functools.partial(orig, cuda_only=False)
+    orig, counts = autoselect.MEASURED_DEVICE_TYPES, (autoselect.WARMUP, autoselect.REPEATS)
+    autoselect.MEASURED_DEVICE_TYPES = frozenset({"cuda", "cpu"})
     autoselect.WARMUP, autoselect.REPEATS = 0, 1  # the interpreter is slow; one timed call per candidate
     try:
         autoselect.clear_cache()
@@ -253,7 +248,7 @@ def auto_case(channels, big_kernel, shape, *, dtype=torch.float32, device="cpu")
                                                               impl="auto").items()})
         table = {op: entry for (op, _), entry in autoselect.cache_table().items()}
     finally:
-        shift_add._kernels_module = orig
+        autoselect.MEASURED_DEVICE_TYPES = orig
         autoselect.WARMUP, autoselect.REPEATS = counts
     for op, names in (("shiftwise_conv", {"triton", "fast"}), ("shiftwise_deploy_conv", {"triton", "two_convs"})):
         timed = table.get(op, {}).get("times_ms", {})
@@ -338,19 +333,19 @@ def test_opcheck_fake_and_autograd_registrations():
     b = torch.randn(3, requires_grad=True)
     ops = torch.ops.lkvision
     quick = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(ops.triton_dwconv2d, (x, w, b, [2, 2, 1, 1]))  # + aot_dispatch (torch.compile)
+    torch.library.opcheck(ops.triton_dwconv2d, (x, w, b, [2, 2, 1, 1], ""))  # + aot_dispatch (torch.compile)
     torch.library.opcheck(ops.triton_dwconv2d, (x.contiguous(memory_format=torch.channels_last), w, None,
-                                                [0, 4, 2, 0]), test_utils=quick)
+                                                [0, 4, 2, 0], "dwconv2d|triton|(1,)"), test_utils=quick)
     r, strip_len = 3, 9
     kh = torch.randn(r, 1, 3, strip_len, requires_grad=True)
     kv = torch.randn(r, 1, strip_len, 3, requires_grad=True)
     ks = torch.randn(r, 1, 3, 3, requires_grad=True)
-    torch.library.opcheck(ops.triton_shiftwise, (x, kh, kv, ks, 9), test_utils=quick)
-    torch.library.opcheck(ops.triton_shiftwise_fused, (x, kh, kv, ks, b, 7), test_utils=quick)
+    torch.library.opcheck(ops.triton_shiftwise, (x, kh, kv, ks, 9, ""), test_utils=quick)
+    torch.library.opcheck(ops.triton_shiftwise_fused, (x, kh, kv, ks, b, 7, ""), test_utils=quick)
     w2 = torch.randn(3, 1, 7, 3, requires_grad=True)
-    torch.library.opcheck(ops.triton_dwconv2d_sum, (x, [w, w2], b, [2, 2, 1, 1, 1, 1, 3, 3]))
+    torch.library.opcheck(ops.triton_dwconv2d_sum, (x, [w, w2], b, [2, 2, 1, 1, 1, 1, 3, 3], ""))
     torch.library.opcheck(ops.triton_dwconv2d_sum_grad_input, (x.detach(), [w.detach(), w2.detach()],
-                                                               [2, 2, 1, 1, 1, 1, 3, 3], [6, 7], False),
+                                                               [2, 2, 1, 1, 1, 1, 3, 3], [6, 7], False, ""),
                           test_utils=quick)
 
 
@@ -554,8 +549,8 @@ def test_gpu_weight_grad_deterministic():
     x = torch.randn(8, 64, 32, 32, device="cuda")
     g = torch.randn(8, 64, 32, 32, device="cuda")
     ops = torch.ops.lkvision
-    a = ops.triton_dwconv2d_grad_weight(g, x, [31, 31], [15, 15, 15, 15])
-    b = ops.triton_dwconv2d_grad_weight(g, x, [31, 31], [15, 15, 15, 15])
+    a = ops.triton_dwconv2d_grad_weight(g, x, [31, 31], [15, 15, 15, 15], "")
+    b = ops.triton_dwconv2d_grad_weight(g, x, [31, 31], [15, 15, 15, 15], "")
     assert torch.equal(a, b)
 
 
