@@ -328,6 +328,24 @@ def test_working_kernel_is_chosen_and_used(gpu, op, isolated):
     _assert_matches_reference(op, args, out, grads)
 
 
+def test_a_real_launch_failure_falls_back(monkeypatch):
+    """No emulation: CPU tensors passed off as a supported GPU reach triton's real launcher, which raises (no
+    GPU driver here); the dispatch drops the kernel with one warning and the result is exact."""
+    monkeypatch.setattr(A, "MEASURED_DEVICE_TYPES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(A, "WARMUP", 0)
+    monkeypatch.setattr(A, "REPEATS", 1)
+    monkeypatch.setattr(_common, "platform_reason", lambda x: None)
+    args = _dw_problem()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out, grads = _run("dwconv2d", args)
+    msg = _the_warning(fallback_warnings(rec), "dwconv2d")
+    assert "lkvision::triton_dwconv2d (forward) raised" in msg
+    _assert_matches_reference("dwconv2d", args, out, grads)
+    with pytest.raises(kernels.KernelError, match="requested explicitly"):
+        _run("dwconv2d", args, impl="triton")
+
+
 @pytest.mark.parametrize("op", list(OPS))
 def test_explicit_triton_raises_with_the_reason(gpu, op):
     """impl="triton" is a request: a failing kernel raises KernelError naming it (no fallback, no warning),

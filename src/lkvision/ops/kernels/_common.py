@@ -145,7 +145,7 @@ def failure_reason(kernel: str, exc: BaseException) -> str:
     if isinstance(exc, KernelError):
         kernel, exc = exc.kernel, exc.cause
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[0] if lines else ""
+    text = lines[0].rstrip(".") if lines else ""
     if len(text) > 300:
         text = text[:297] + "..."
     return f"{kernel} raised {type(exc).__name__}" + (f": {text}" if text else "")
