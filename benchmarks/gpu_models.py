@@ -10,10 +10,11 @@ fp32: TF32 is off in cuDNN and matmuls. Every model is built with the same seed 
 Backends: ``triton`` is the library's default dispatch. On CUDA that is :mod:`lkvision.ops.autoselect`: the
 first call of each depth-wise / Shiftwise problem times the Triton kernels against cuDNN (channels_last) and
 ATen (NCHW) and keeps the fastest (the warm-up calls include that; ``first_ms`` shows it). ``torch``: the same
-with the kernels hidden (``lkvision.ops.kernels.is_available`` patched to return False), so that the gain of
+with the kernels hidden (``LKVISION_FORBID_BACKENDS=triton`` inside the record), so that the gain of
 the kernels is measured inside the models. The autoselect cache is cleared before each record; ``autoselect``
-in a record counts its winners per operator (and lists candidates that raised: autoselect drops those
-silently), ``kernels`` whether they could be dispatched at all (``available``, ``hidden``, ``unavailable``).
+in a record counts its winners per operator (and lists candidates that raised, with the reason: autoselect
+drops those, with one warning per reason), ``kernels`` whether they could be dispatched at all (``available``,
+``hidden``, ``unavailable``).
 
 Targets (issue): sw_tiny deploy >= 1.0x unireplknet_t (fp32 and bf16), training >= 0.8x.
 
@@ -68,18 +69,24 @@ MEASURED = ("img_s", "median_ms", "min_ms", "max_ms", "runs", "first_ms", "rel_e
 
 @contextlib.contextmanager
 def kernels_hidden(hide: bool):
-    """Make ``lkvision.ops.kernels.is_available`` return False inside the block (PyTorch paths only)."""
+    """Keep lkvision's dispatchers off the Triton kernels inside the block (PyTorch paths only), through the
+    documented switch ``LKVISION_FORBID_BACKENDS=triton``."""
     if not hide:
         yield
         return
-    import lkvision.ops.kernels as k
+    import os
 
-    orig = k.is_available
-    k.is_available = lambda x: False
+    from lkvision.ops import autoselect
+
+    old = os.environ.get(autoselect.ENV_FORBID)
+    os.environ[autoselect.ENV_FORBID] = "triton"
     try:
         yield
     finally:
-        k.is_available = orig
+        if old is None:
+            os.environ.pop(autoselect.ENV_FORBID, None)
+        else:
+            os.environ[autoselect.ENV_FORBID] = old
 
 
 @contextlib.contextmanager
@@ -87,48 +94,27 @@ def kernels_dispatched_on_cpu(enable: bool):
     """Smoke runs on CPU under ``TRITON_INTERPRET=1``: let the dispatchers of ``lkvision.ops`` take their CUDA
     route on CPU, so that the model-level kernel path (dispatch, autoselect, kernels) is exercised there.
 
-    Patches private helpers: ``dwconv._triton_available`` (accept CPU tensors the kernels accept),
-    ``dwconv._auto_impl`` (the CUDA choice), ``shift_add._kernels_module`` (``cuda_only=False``) and the timer of
-    ``autoselect`` (the first candidate, i.e. "triton" when offered, wins without being timed: timing the
-    interpreter would pick PyTorch). All ask ``lkvision.ops.kernels.is_available`` at call time, so
-    :func:`kernels_hidden` still applies. Where the helpers are missing a note is printed and nothing patched."""
+    Adds "cpu" to ``autoselect.MEASURED_DEVICE_TYPES`` (the operators measure on CPU as on CUDA; the kernels'
+    own can_run checks accept CPU tensors under the interpreter) and replaces autoselect's timer: the first
+    candidate, i.e. "triton" when offered, wins (timing the interpreter would pick PyTorch); every candidate
+    still runs once, so a failing kernel is dropped with its warning as on a GPU."""
     if not enable:
         yield
         return
-    kernels = importlib.import_module("lkvision.ops.kernels")
-    dw = importlib.import_module("lkvision.ops.dwconv")
-    sa = importlib.import_module("lkvision.ops.shift_add")
     au = importlib.import_module("lkvision.ops.autoselect")
-    names = [(dw, "_triton_available"), (dw, "_auto_impl"), (dw, "_cuda_auto_impl"), (sa, "_kernels_module"),
-             (au, "_timer")]
-    missing = [f"{m.__name__}.{n}" for m, n in names if not hasattr(m, n)]
-    if missing:
-        print(f"note: the CPU dispatchers are not routed to the kernels ({', '.join(missing)} missing)")
-        yield
-        return
-    saved = [(m, n, getattr(m, n)) for m, n in names]
-    orig_kernels_module = sa._kernels_module
+    saved = (au.MEASURED_DEVICE_TYPES, au._timer)
     order = itertools.count()
 
-    def triton_available(x):
-        return bool(kernels.is_available(x))
-
-    def auto_impl(x, *args, **kwargs):
-        return dw._cuda_auto_impl(x, *args, **kwargs)
-
-    def kernels_module(x, *, cuda_only: bool = True):
-        return orig_kernels_module(x, cuda_only=False)
-
     def first_candidate_wins(fn, cuda=False):
+        fn()
         return float(next(order))  # candidates are timed in order: the first one gets the smallest time
 
-    dw._triton_available, dw._auto_impl, sa._kernels_module = triton_available, auto_impl, kernels_module
+    au.MEASURED_DEVICE_TYPES = frozenset({*au.MEASURED_DEVICE_TYPES, "cpu"})
     au._timer = first_candidate_wins
     try:
         yield
     finally:
-        for m, n, v in saved:
-            setattr(m, n, v)
+        au.MEASURED_DEVICE_TYPES, au._timer = saved
 
 
 def autoselect_reset() -> None:
@@ -138,18 +124,19 @@ def autoselect_reset() -> None:
 
 
 def autoselect_summary() -> dict:
-    """``{op: {winner: count}}`` of lkvision's measured dispatch, plus ``failed``: ``op:candidate`` that raised
-    while being timed (autoselect drops those silently: a ``triton`` record whose kernels failed shows here)."""
+    """``{op: {winner: count}}`` of lkvision's measured dispatch, plus ``failed``: ``op:candidate: reason`` for
+    the candidates dropped because they raised (while timed or at run time; autoselect also warns once per
+    reason): a ``triton`` record whose kernels failed shows here."""
     try:
-        table = importlib.import_module("lkvision.ops.autoselect").cache_table()
+        au = importlib.import_module("lkvision.ops.autoselect")
+        table, failures = au.cache_table(), au.failures()
     except Exception:
         return {}
     out: dict = {}
-    failed = set()
     for (op, _key), entry in table.items():
         out.setdefault(op, {}).setdefault(entry["winner"], 0)
         out[op][entry["winner"]] += 1
-        failed.update(f"{op}:{name}" for name, ms in entry["times_ms"].items() if ms is None)
+    failed = {f"{op}:{name}: {reason}" for (op, _key), names in failures.items() for name, reason in names.items()}
     if failed:
         out["failed"] = sorted(failed)
     return out

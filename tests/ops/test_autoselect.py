@@ -75,13 +75,36 @@ def test_module_level_timer_is_the_default(monkeypatch):
     assert t.calls == ["a", "b"]
 
 
-def test_raising_candidate_is_skipped(caplog):
+def test_raising_candidate_is_dropped_loudly(caplog):
+    """A candidate that raises while being timed is dropped for that key, with one BackendFallbackWarning per
+    (op, reason) (not a debug line nobody sees), and the failure is logged with its traceback."""
     t = FakeTimer(a=5.0, c=7.0)
     cands = {"a": lambda: "a", "b": _boom, "c": lambda: "c"}
-    with caplog.at_level(logging.DEBUG, logger=A.__name__):
-        assert A.choose("op", (0,), cands, "c", timer=t) == "a"
-    assert "candidate 'b' raised RuntimeError: candidate failed" in caplog.text
+    with caplog.at_level(logging.INFO, logger=A.__name__):
+        with pytest.warns(A.BackendFallbackWarning) as rec:
+            assert A.choose("op", (0,), cands, "c", timer=t) == "a"
+            assert A.choose("op", (1,), cands, "c", timer=t) == "a"  # the same reason for another key: no warning
+            assert A.choose("op2", (0,), cands, "c", timer=t) == "a"  # another op: its own warning
+    assert [str(w.message).split(":")[1].strip() for w in rec] == ["op", "op2"]
+    msg = str(rec[0].message)
+    assert "'b' raised RuntimeError: candidate failed, while the 'b' implementation was being timed" in msg
+    assert "LKVISION_FORBID_BACKENDS=b" in msg and "impl='b'" in msg
+    assert "candidate 'b' failed" in caplog.text and "Traceback" in caplog.text
     assert A.cache_table()[("op", (0,))]["times_ms"] == {"a": 5000.0, "b": None, "c": 7000.0}
+    assert A.failures()[("op", (0,))] == {"b": "'b' raised RuntimeError: candidate failed"}
+
+
+def test_dropped_candidate_is_not_timed_again():
+    """A key whose cached winner becomes unusable is measured again, without the candidate that failed."""
+    t = FakeTimer(a=5.0, c=7.0)
+    cands = {"a": lambda: "a", "b": _boom, "c": lambda: "c"}
+    with pytest.warns(A.BackendFallbackWarning):
+        A.choose("op", (0,), cands, "c", timer=t)
+    t2 = FakeTimer(c=2.0, d=1.0)
+    with pytest.warns(A.BackendFallbackWarning, match="names 'a' for the problem .* cannot run here: gone"):
+        assert A.choose("op", (0,), {"b": _boom, "c": lambda: "c", "d": lambda: "d"}, "c", timer=t2,
+                        unavailable={"a": "gone"}) == "d"
+    assert t2.calls == ["c", "d"]  # "a" cannot run: re-measured, without "b" (it failed for this key)
 
 
 def test_all_raising_returns_default_and_is_cached():
@@ -91,8 +114,9 @@ def test_all_raising_returns_default_and_is_cached():
         calls.append(fn)
         return fn()
 
-    assert A.choose("op", (0,), {"a": _boom, "b": _boom}, "b", timer=timer) == "b"
-    assert A.choose("op", (0,), {"a": _boom, "b": _boom}, "b", timer=timer) == "b"
+    with pytest.warns(A.BackendFallbackWarning):
+        assert A.choose("op", (0,), {"a": _boom, "b": _boom}, "b", timer=timer) == "b"
+        assert A.choose("op", (0,), {"a": _boom, "b": _boom}, "b", timer=timer) == "b"
     assert len(calls) == 2  # not re-timed on every call
 
 
@@ -122,11 +146,19 @@ def test_single_candidate_is_not_timed():
 
 
 def test_cached_winner_missing_from_candidates_is_a_miss():
+    """A cached winner that cannot run here (e.g. a table from a machine with Triton) is a miss, announced once
+    per (op, reason) with the reason; a name the op does not have at all is announced too."""
     t = FakeTimer(triton=1.0, cl=2.0, nchw=3.0)
     assert A.choose("op", (0,), _cands("triton", "cl", "nchw"), "cl", timer=t) == "triton"
-    assert A.choose("op", (0,), _cands("cl", "nchw"), "cl", timer=t, measure_ok=False) == "cl"
-    assert A.choose("op", (0,), _cands("cl", "nchw"), "nchw", timer=t) == "cl"  # re-measured without triton
+    gone = {"triton": "triton is not installed (pip install triton)"}
+    with pytest.warns(A.BackendFallbackWarning) as rec:
+        assert A.choose("op", (0,), _cands("cl", "nchw"), "cl", timer=t, measure_ok=False, unavailable=gone) == "cl"
+        assert A.choose("op", (0,), _cands("cl", "nchw"), "nchw", timer=t, unavailable=gone) == "cl"  # re-measured
+    assert len(rec) == 1 and "cannot run here: triton is not installed" in str(rec[0].message)
     assert t.calls == ["triton", "cl", "nchw", "cl", "nchw"]
+    A.choose("op", (1,), _cands("triton", "cl"), "cl", timer=t)
+    with pytest.warns(A.BackendFallbackWarning, match="'triton' is not an implementation of op"):
+        assert A.choose("op", (1,), _cands("cl", "nchw"), "nchw", timer=t, measure_ok=False) == "nchw"
 
 
 @pytest.mark.parametrize("kind", ["meta", "fake", "subclass"])
@@ -260,7 +292,8 @@ def _fill_cache():
     t = FakeTimer(a=2.0, b=1.0, c=0.5)
     A.choose("op", (torch.float32, 1, (2, 3), True, None), _cands("a", "b"), "a", timer=t)
     A.choose("other", ("x", 1.5), _cands("a", "b", "c"), "a", timer=t)
-    A.choose("bad", (0,), {"a": _boom, "b": _boom}, "a", timer=t)
+    with pytest.warns(A.BackendFallbackWarning):
+        A.choose("bad", (0,), {"a": _boom, "b": _boom}, "a", timer=t)
     return t
 
 
@@ -369,12 +402,13 @@ class _DwconvHarness:
         self.grad_enabled: dict[str, bool] = {}
         forward = D._forward_impl
 
-        def recording_forward(x, weight, bias, pad4, impl):
+        def recording_forward(x, weight, bias, pad4, impl, fallback=""):
+            assert fallback == ""  # timed candidates raise on failure (never time a fallback as "triton")
             self.impls.append(impl)
             self.grad_enabled[impl] = torch.is_grad_enabled()
             return forward(x, weight, bias, pad4, "torch" if impl == "triton" else impl)
 
-        monkeypatch.setattr(D, "_triton_available", lambda x: triton)
+        monkeypatch.setattr(D, "_triton_reason", lambda *args: None if triton else "no triton here")
         monkeypatch.setattr(D, "_forward_impl", recording_forward)
         monkeypatch.setattr(A, "_timer", self)
 
@@ -407,13 +441,13 @@ def test_cuda_auto_impl_inference_key_and_choice(monkeypatch):
     h = _DwconvHarness(monkeypatch, {"triton": 3.0, "channels_last": 1.0, "torch": 2.0})
     x, w, b = _dw_inputs()
     pad4 = (1, 3, 1, 1)
-    assert D._cuda_auto_impl(x, w, b, pad4) == "channels_last"
+    assert D._cuda_auto_impl(x, w, b, pad4) == ("channels_last", "")
     assert h.timed == ["triton", "channels_last", "torch"]
     assert h.grad_enabled == {"triton": False, "channels_last": False, "torch": False}  # forward only
     assert not any("backward" in op for ops in h.ops.values() for op in ops)
     key = ("cpu", "cpu", "torch.float32", "contiguous", 2, 3, 6, 9, 3, 5, (1, 3, 1, 1), False, None)
     assert list(A.cache_table()) == [("dwconv2d", key)]
-    assert D._cuda_auto_impl(x, w, b, pad4) == "channels_last"  # cached: not re-timed
+    assert D._cuda_auto_impl(x, w, b, pad4) == ("channels_last", "")  # cached: not re-timed
     assert len(h.timed) == 3
 
 
@@ -421,7 +455,8 @@ def test_cuda_auto_impl_inference_key_and_choice(monkeypatch):
 def test_cuda_auto_impl_times_forward_backward_when_training(monkeypatch, requires_grad):
     h = _DwconvHarness(monkeypatch, {"triton": 1.0, "channels_last": 2.0, "torch": 3.0})
     x, w, b = _dw_inputs(requires_grad, channels_last=True)
-    assert D._cuda_auto_impl(x, w, b, (2, 2, 1, 1)) == "triton"
+    impl, fallback = D._cuda_auto_impl(x, w, b, (2, 2, 1, 1))
+    assert impl == "triton" and fallback == A.fallback_tag("dwconv2d", next(iter(A.cache_table()))[1], "triton")
     assert h.timed == ["triton", "channels_last", "torch"]
     assert all(h.grad_enabled.values())
     for impl in ("channels_last", "torch"):
@@ -438,7 +473,7 @@ def test_cuda_auto_impl_no_grad_context_is_inference(monkeypatch):
     h = _DwconvHarness(monkeypatch, {"channels_last": 2.0, "torch": 1.0}, triton=False)
     x, w, b = _dw_inputs((True, True, True))
     with torch.no_grad():
-        assert D._cuda_auto_impl(x, w, b, (2, 2, 1, 1)) == "torch"
+        assert D._cuda_auto_impl(x, w, b, (2, 2, 1, 1)) == ("torch", "")
     assert h.timed == ["channels_last", "torch"]  # no triton candidate without triton
     assert not any(h.grad_enabled.values())
     (key,) = A.cache_table()
@@ -460,9 +495,9 @@ def test_cuda_auto_impl_default_when_not_measurable(monkeypatch):
     h = _DwconvHarness(monkeypatch, {"triton": 1.0, "channels_last": 2.0, "torch": 3.0})
     monkeypatch.setattr(A, "_stream_capturing", lambda: True)
     x, w, b = _dw_inputs()
-    assert D._cuda_auto_impl(x, w, b, (2, 2, 1, 1)) == "channels_last"
+    assert D._cuda_auto_impl(x, w, b, (2, 2, 1, 1)) == ("channels_last", "")
     monkeypatch.setenv(A.ENV_ENABLE, "0")
-    assert D._cuda_auto_impl(x, w, b, (2, 2, 1, 1)) == "channels_last"
+    assert D._cuda_auto_impl(x, w, b, (2, 2, 1, 1)) == ("channels_last", "")
     assert h.timed == []
 
 
@@ -472,7 +507,7 @@ def test_cuda_auto_impl_compiles_without_graph_breaks(monkeypatch):
     codes = {"triton": 1.0, "channels_last": 2.0, "torch": 3.0}
 
     def f(x, w, b):
-        return x * codes[D._cuda_auto_impl(x, w, b, (2, 2, 1, 1))]
+        return x * codes[D._cuda_auto_impl(x, w, b, (2, 2, 1, 1))[0]]
 
     cf = torch.compile(f, backend="eager", fullgraph=True)
     torch.testing.assert_close(cf(x, w, b), x * 2.0)  # the default, nothing timed
@@ -487,4 +522,4 @@ def test_cpu_auto_is_custom_and_never_measures(monkeypatch):
     x, w, b = _dw_inputs((True, True, True))
     y = dwconv2d(x, w, b, (2, 2, 1, 1))
     assert y.is_contiguous(memory_format=torch.channels_last)  # the "custom" path's layout
-    assert D._auto_impl(x, w, b, (2, 2, 1, 1)) == "custom"
+    assert D._auto_impl(x, w, b, (2, 2, 1, 1)) == ("custom", "")

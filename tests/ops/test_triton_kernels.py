@@ -13,11 +13,13 @@ reference by ``||out - ref|| / ||ref||``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -205,6 +207,10 @@ FAST_CASES = {
     "layer_sw_auto_measured": ("auto", dict(channels=8, big_kernel=13, shape=(1, 8, 7, 9))),
     "dwsum_sw_deploy_nhwc": ("dwsum", dict(shape=(1, 5, 7, 8), kernels=[(3, 9), (8, 3), (3, 3)],
                                            paddings=[(4, 4, 1, 1), (1, 1, 4, 3), (1, 1, 1, 1)], layout="nhwc")),
+    # the measured dispatch with the real kernels: Triton chosen and run; a kernel failing at run time
+    "dispatch_dw_triton_runs": ("dispatch", dict(op="dwconv2d")),
+    "dispatch_dw_grad_weight_fails": ("dispatch", dict(op="dwconv2d", fail_path="grad_weight")),
+    "dispatch_sw_forward_fails": ("dispatch", dict(op="shiftwise_conv", fail_path="mma")),
 }
 SLOW_CASES = {
     "dw_k13_nchw": ("dw", dict(shape=(2, 3, 10, 12), kernel=(13, 13), padding=(6, 6, 6, 6))),
@@ -216,12 +222,19 @@ SLOW_CASES = {
 }
 
 
-# kernel paths (triton_dwconv.LAUNCHES keys) a case must run under the interpreter
+# The kernel paths (triton_dwconv.LAUNCHES keys) each case must run under the interpreter: the PyTorch fallback
+# inside the ops is also the reference, so a case that silently ran it would pass the error checks; every case
+# names the kernels it tests, and the test asserts exactly those ran ("mma": tensor-core kernel, "direct_*": the
+# direct kernel per layout, "grad_weight": the weight-gradient reduction; the input gradient runs a forward one).
 EXPECTED_PATHS = {
-    "dw_nchw_asym": {"direct_nchw", "grad_weight"},
+    "dw_nchw_asym": {"direct_nchw", "grad_weight"},  # 3 x 5: no term wide enough for the tensor cores
     "dw_nhwc_same": {"direct_nhwc", "grad_weight"},
+    "dw_strided_small_input": {"mma", "grad_weight"},  # strided views take the NCHW kernels
     "dw_toeplitz_wide": {"mma", "grad_weight"},
-    "dw_bf16": {"direct_nchw", "grad_weight"},
+    "dw_bf16": {"direct_nchw", "grad_weight"},  # bf16 tl.dot is wrong in the 3.7 interpreter: direct there
+    "sw_separate_nchw": {"mma", "grad_weight"},
+    "sw_deploy_nhwc": {"direct_nhwc", "grad_weight"},
+    "sw_deploy_fp16": {"direct_nchw", "grad_weight"},  # M=5: 3 x 6 and 6 x 3 strips, all direct
     "sw_separate_mma_tiles": {"mma", "grad_weight"},
     "sw_deploy_mma_fp16": {"mma", "grad_weight"},
     "dw_tall_strip_51x3": {"mma", "grad_weight"},
@@ -229,35 +242,152 @@ EXPECTED_PATHS = {
     "dwsum_sw_deploy_nhwc": {"direct_nhwc", "grad_weight"},
     "layer_sw_train_triton": {"mma", "grad_weight"},
     "layer_sw_deploy_triton": {"mma", "grad_weight"},
+    # timed candidates: the fused ops (NCHW) and, through the strips' dwconv2d(auto), the NHWC direct kernel
+    "layer_sw_auto_measured": {"mma", "direct_nhwc", "grad_weight"},
+    "dispatch_dw_triton_runs": {"mma", "grad_weight"},
+    "dispatch_dw_grad_weight_fails": {"mma", "grad_weight"},
+    "dispatch_sw_forward_fails": {"mma", "direct_nhwc", "grad_weight"},
+    # slow cases
+    "dw_k13_nchw": {"mma", "grad_weight"},
+    "dw_strip_3x51": {"mma", "grad_weight"},
+    "dw_k13_nhwc_fp16": {"direct_nhwc", "grad_weight"},
+    "sw_separate_m13_strided": {"mma", "grad_weight"},
+    "sw_deploy_m13_k5": {"mma", "grad_weight"},
 }
+# The kernels the *failing call* of a dispatch case ran (its failing launch is not counted: LAUNCHES counts
+# launches that were enqueued without error).
+EXPECTED_RAN = {
+    "dispatch_dw_triton_runs": {"mma", "grad_weight"},
+    "dispatch_dw_grad_weight_fails": {"mma"},  # forward (and input gradient) on Triton, weight gradient failed
+    "dispatch_sw_forward_fails": set(),  # the fused forward failed: all PyTorch
+}
+
+
+@contextlib.contextmanager
+def measured_on_cpu(timer=None):
+    """The CUDA-only measured dispatch opened to CPU tensors (here: the interpreter), one timed call per
+    candidate (``timer`` replaces the timer), a fresh cache; yields the list of recorded warnings."""
+    from lkvision.ops import autoselect
+
+    saved = (autoselect.MEASURED_DEVICE_TYPES, autoselect.WARMUP, autoselect.REPEATS, autoselect._timer)
+    autoselect.MEASURED_DEVICE_TYPES = frozenset({"cuda", "cpu"})
+    autoselect.WARMUP, autoselect.REPEATS = 0, 1  # the interpreter is slow
+    if timer is not None:
+        autoselect._timer = timer
+    autoselect.clear_cache()
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            yield rec
+    finally:
+        (autoselect.MEASURED_DEVICE_TYPES, autoselect.WARMUP, autoselect.REPEATS, autoselect._timer) = saved
+        autoselect.clear_cache()
+
+
+def _fallback_warnings(record) -> list[str]:
+    from lkvision.ops import autoselect
+
+    return [str(w.message) for w in record if issubclass(w.category, autoselect.BackendFallbackWarning)]
 
 
 def auto_case(channels, big_kernel, shape, *, dtype=torch.float32, device="cpu") -> dict:
     """impl="auto" of a ShiftWiseConv2d (train form, then deploy form) with the CUDA-only measured dispatch
     opened to CPU tensors (interpreter): every candidate (fused Triton op vs PyTorch strips) must run
-    forward + backward under autoselect's timer, and the layer must still match the float64 reference."""
-    import functools
-    import importlib
-
+    forward + backward under autoselect's timer, without failing, and the layer must still match the float64
+    reference."""
     from lkvision.ops import autoselect
 
-    shift_add = importlib.import_module("lkvision.ops.shift_add")  # (lkvision.ops.shift_add is also a function)
-
-    orig, counts = shift_add._kernels_module, (autoselect.WARMUP, autoselect.REPEATS)
-    shift_add._kernels_module = functools.partial(orig, cuda_only=False)
-    autoselect.WARMUP, autoselect.REPEATS = 0, 1  # the interpreter is slow; one timed call per candidate
-    try:
-        autoselect.clear_cache()
+    with measured_on_cpu() as fallbacks:
         errs = {f"train_{k}": v for k, v in layer_case(channels, big_kernel, shape, impl="auto").items()}
         errs.update({f"deploy_{k}": v for k, v in layer_case(channels, big_kernel, shape, deploy=True,
                                                               impl="auto").items()})
         table = {op: entry for (op, _), entry in autoselect.cache_table().items()}
-    finally:
-        shift_add._kernels_module = orig
-        autoselect.WARMUP, autoselect.REPEATS = counts
+        errs["check_no_fallback"] = float(not _fallback_warnings(fallbacks))
     for op, names in (("shiftwise_conv", {"triton", "fast"}), ("shiftwise_deploy_conv", {"triton", "two_convs"})):
         timed = table.get(op, {}).get("times_ms", {})
-        errs[f"timed_{op}"] = float(set(timed) == names and all(t is not None and t > 0 for t in timed.values()))
+        errs[f"check_timed_{op}"] = float(set(timed) == names and all(t is not None and t > 0 for t in timed.values()))
+    return errs
+
+
+def _first_candidate_wins():
+    """A timer that runs each candidate once and ranks them in the order they are timed: Triton (always offered
+    first) wins wherever it does not raise, so that the dispatch takes the real kernels."""
+    order = iter(range(1, 10**6))
+
+    def timer(fn, cuda):
+        fn()
+        return float(next(order))
+
+    return timer
+
+
+def dispatch_case(op, *, fail_path=None, dtype=torch.float32, device="cpu") -> dict:
+    """The measured dispatch with the real kernels (interpreter): ``op`` ("dwconv2d" or "shiftwise_conv") with
+    impl="auto" chooses Triton (first-candidate-wins timer) and runs its kernels forward and backward; then, with
+    ``fail_path`` set, the kernel launches of that ``LAUNCHES`` path raise (as a GPU's OutOfResources would) at
+    run time: the call falls back to PyTorch (results still exact), exactly one BackendFallbackWarning, and the
+    next call does not run Triton at all. ``paths`` lists the kernels of the call that failed (that ran)."""
+    from lkvision.ops import autoselect, dwconv2d, make_shift_tables, shiftwise_conv
+
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(1, 2, 7, 9, generator=g, dtype=torch.float64)
+    if op == "dwconv2d":
+        w64 = torch.randn(2, 1, 3, 9, generator=g, dtype=torch.float64)
+
+        def call(x, w):
+            return dwconv2d(x, w, None, (4, 4, 1, 1))
+    else:
+        w64 = torch.randn(2 * 3, 1, 3, 3, generator=g, dtype=torch.float64)
+        tables = make_shift_tables(2, 9, 3, edges=2)
+
+        def call(x, w):
+            return sum(shiftwise_conv(x, w, *tables, 9, 3))
+
+    def step():
+        x, w = (t.to(dtype).requires_grad_() for t in (x64, w64))
+        y = call(x, w)
+        y.backward(gy)
+        return y, x.grad, w.grad
+
+    xr, wr = x64.clone().requires_grad_(), w64.clone().requires_grad_()
+    with torch.no_grad():
+        gy = torch.randn(call(x64, w64).shape, generator=g, dtype=torch.float64)
+    yr = call(xr, wr)
+    yr.backward(gy)
+    gy = gy.to(dtype)
+    errs = {}
+    orig_launch = triton_dwconv._launch
+    failed_attempts = []
+
+    def failing_launch(path, *args, **kwargs):
+        if path == fail_path:
+            failed_attempts.append(path)
+            raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+        return orig_launch(path, *args, **kwargs)
+
+    with measured_on_cpu(_first_candidate_wins()) as fallbacks:
+        step()  # measures: Triton wins
+        errs["check_triton_chosen"] = float(all(e["winner"] == "triton" for e in autoselect.cache_table().values()))
+        triton_dwconv._launch = failing_launch
+        try:
+            before = dict(triton_dwconv.LAUNCHES)
+            outs = step()
+            ran = {k for k, v in triton_dwconv.LAUNCHES.items() if v > before.get(k, 0)}
+            before, tried = dict(triton_dwconv.LAUNCHES), len(failed_attempts)
+            again = step()
+            errs["check_failed_kernel_not_retried"] = float(len(failed_attempts) == tried)
+            if fail_path and op == "dwconv2d":  # the problem moved off Triton altogether
+                errs["check_no_triton_after_failure"] = float(dict(triton_dwconv.LAUNCHES) == before)
+        finally:
+            triton_dwconv._launch = orig_launch
+        msgs = _fallback_warnings(fallbacks)
+        errs["check_warnings"] = float(len(msgs) == (1 if fail_path else 0))
+        errs["check_warning_names_kernel"] = float(not fail_path or (len(msgs) == 1 and
+                                                   "raised RuntimeError: out of resource" in msgs[0]))
+    for name, (got, ref) in {"out": (outs[0], yr), "grad_x": (outs[1], xr.grad), "grad_w": (outs[2], wr.grad),
+                             "again_out": (again[0], yr), "again_grad_w": (again[2], wr.grad)}.items():
+        errs[name] = _rel(got, ref)
+    errs["ran"] = sorted(ran)
     return errs
 
 
@@ -265,7 +395,8 @@ def run_case(name: str, device: str = "cpu") -> dict:
     kind, kw = {**FAST_CASES, **SLOW_CASES}[name]
     kw = dict(kw)
     dtype = getattr(torch, kw.pop("dtype", "float32"))
-    fn = {"dw": dw_case, "sw": sw_case, "dwsum": dwsum_case, "layer": layer_case, "auto": auto_case}[kind]
+    fn = {"dw": dw_case, "sw": sw_case, "dwsum": dwsum_case, "layer": layer_case, "auto": auto_case,
+          "dispatch": dispatch_case}[kind]
     before = dict(triton_dwconv.LAUNCHES)
     errs = fn(**kw, dtype=dtype, device=device)
     errs["paths"] = sorted(k for k, v in triton_dwconv.LAUNCHES.items() if v > before.get(k, 0))
@@ -273,16 +404,20 @@ def run_case(name: str, device: str = "cpu") -> dict:
     return errs
 
 
-def _assert_case(errs: dict, name: str) -> None:
+def _assert_case(errs: dict, name: str, expected_paths: set[str] | None = None) -> None:
+    """Every error within tolerance, every check passed, and (``expected_paths``) exactly these kernels ran."""
     assert "error" not in errs, f"{name}: {errs.get('error')}"
     tol = errs["tol"]
     for key, val in errs.items():
-        if key in ("tol", "paths"):
+        if key in ("tol", "paths", "ran"):
             continue
-        if key in ("layout_kept", "shape_ok") or key.startswith("timed_"):
-            assert val == 1.0, f"{name}: {key} failed"
+        if key in ("layout_kept", "shape_ok") or key.startswith("check_"):
+            assert val == 1.0, f"{name}: {key} failed ({errs})"
         else:
             assert val <= tol, f"{name}: {key} rel. error {val:.2e} > {tol:.0e} ({errs})"
+    if expected_paths is not None:
+        assert set(errs["paths"]) == expected_paths, f"{name}: kernels that ran {errs['paths']}, expected " \
+                                                     f"{sorted(expected_paths)}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -299,8 +434,9 @@ def test_is_available_cpu_without_interpreter(monkeypatch):
                                   "sw_separate_nchw", "sw_deploy_nhwc", "dwsum_sw_deploy_nchw",
                                   "dwsum_sw_deploy_nhwc"])
 def test_fallback_matches_reference(monkeypatch, name):
+    """The ops' PyTorch computation where the kernels cannot run (CPU without the interpreter): no kernel ran."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    _assert_case(run_case(name), name)
+    _assert_case(run_case(name), name, expected_paths=set())
 
 
 def test_dwconv_errors():
@@ -338,19 +474,19 @@ def test_opcheck_fake_and_autograd_registrations():
     b = torch.randn(3, requires_grad=True)
     ops = torch.ops.lkvision
     quick = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(ops.triton_dwconv2d, (x, w, b, [2, 2, 1, 1]))  # + aot_dispatch (torch.compile)
+    torch.library.opcheck(ops.triton_dwconv2d, (x, w, b, [2, 2, 1, 1], ""))  # + aot_dispatch (torch.compile)
     torch.library.opcheck(ops.triton_dwconv2d, (x.contiguous(memory_format=torch.channels_last), w, None,
-                                                [0, 4, 2, 0]), test_utils=quick)
+                                                [0, 4, 2, 0], "dwconv2d|triton|(1,)"), test_utils=quick)
     r, strip_len = 3, 9
     kh = torch.randn(r, 1, 3, strip_len, requires_grad=True)
     kv = torch.randn(r, 1, strip_len, 3, requires_grad=True)
     ks = torch.randn(r, 1, 3, 3, requires_grad=True)
-    torch.library.opcheck(ops.triton_shiftwise, (x, kh, kv, ks, 9), test_utils=quick)
-    torch.library.opcheck(ops.triton_shiftwise_fused, (x, kh, kv, ks, b, 7), test_utils=quick)
+    torch.library.opcheck(ops.triton_shiftwise, (x, kh, kv, ks, 9, ""), test_utils=quick)
+    torch.library.opcheck(ops.triton_shiftwise_fused, (x, kh, kv, ks, b, 7, ""), test_utils=quick)
     w2 = torch.randn(3, 1, 7, 3, requires_grad=True)
-    torch.library.opcheck(ops.triton_dwconv2d_sum, (x, [w, w2], b, [2, 2, 1, 1, 1, 1, 3, 3]))
+    torch.library.opcheck(ops.triton_dwconv2d_sum, (x, [w, w2], b, [2, 2, 1, 1, 1, 1, 3, 3], ""))
     torch.library.opcheck(ops.triton_dwconv2d_sum_grad_input, (x.detach(), [w.detach(), w2.detach()],
-                                                               [2, 2, 1, 1, 1, 1, 3, 3], [6, 7], False),
+                                                               [2, 2, 1, 1, 1, 1, 3, 3], [6, 7], False, ""),
                           test_utils=quick)
 
 
@@ -418,8 +554,7 @@ def test_interpreter_autotune_plumbing(interp_autotune):
     """The GPU launch path (triton.autotune wrappers, keys, heuristics, configs) run on CPU: two configs per
     kernel timed on the host. Every autotuned kernel must have been tuned for at least one key."""
     for name in AUTOTUNE_CASES:
-        _assert_case(interp_autotune[name], name)
-        assert set(interp_autotune[name]["paths"]) == EXPECTED_PATHS.get(name, set(interp_autotune[name]["paths"]))
+        _assert_case(interp_autotune[name], name, EXPECTED_PATHS[name])
     tuned = interp_autotune["_autotuned"]
     assert set(tuned) == {"_fwd_mma", "_fwd_nchw", "_fwd_nhwc", "_gw_nchw", "_gw_nhwc"}, tuned
     assert all(n >= 1 for n in tuned.values()), tuned
@@ -429,22 +564,34 @@ def test_interpreter_autotune_plumbing(interp_autotune):
 @pytest.mark.parametrize("name", list(FAST_CASES))
 def test_interpreter_kernels(interp_fast, name):
     assert interp_fast["_available"], "is_available(cpu tensor) must be True under TRITON_INTERPRET=1"
-    _assert_case(interp_fast[name], name)
-    if name in EXPECTED_PATHS:
-        assert set(interp_fast[name]["paths"]) == EXPECTED_PATHS[name], interp_fast[name]["paths"]
+    _assert_case(interp_fast[name], name, EXPECTED_PATHS[name])
+    if name in EXPECTED_RAN:
+        assert set(interp_fast[name]["ran"]) == EXPECTED_RAN[name], interp_fast[name]["ran"]
+
+
+def test_every_interpreter_case_pins_its_kernels():
+    assert set(EXPECTED_PATHS) == set(FAST_CASES) | set(SLOW_CASES)
+    assert set(EXPECTED_RAN) == {n for n, (kind, _) in FAST_CASES.items() if kind == "dispatch"}
 
 
 @pytest.mark.triton
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SLOW_CASES))
 def test_interpreter_kernels_slow(interp_slow, name):
-    _assert_case(interp_slow[name], name)
+    _assert_case(interp_slow[name], name, EXPECTED_PATHS[name])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Tier 3: GPU
 # ----------------------------------------------------------------------------------------------------------
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _kernels_ran(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` and the set of kernel paths (``LAUNCHES`` keys) it launched."""
+    before = dict(triton_dwconv.LAUNCHES)
+    out = fn(*args, **kwargs)
+    return out, {k for k, v in triton_dwconv.LAUNCHES.items() if v > before.get(k, 0)}
 
 
 @pytest.fixture(autouse=True)
@@ -477,9 +624,11 @@ def test_gpu_dwconv(geom, layout, dtype, mma, monkeypatch):
         monkeypatch.setenv("LKVISION_DW_TOEPLITZ", "0")
     shape, kernel, padding = geom
     dt = getattr(torch, dtype)
-    errs = dw_case(shape, kernel, padding, dtype=dt, layout=layout, device="cuda")
+    errs, ran = _kernels_ran(dw_case, shape, kernel, padding, dtype=dt, layout=layout, device="cuda")
     errs["tol"] = TOL[dt]
     _assert_case(errs, f"{geom}-{layout}-{dtype}")
+    forward = "direct_nhwc" if layout == "nhwc" else "mma" if mma == "mma" else "direct_nchw"
+    assert ran == {forward, "grad_weight"}, ran  # every GPU_DW kernel has a side >= 7: tensor cores for NCHW
 
 
 @pytest.mark.gpu
@@ -492,9 +641,10 @@ def test_gpu_dwconv(geom, layout, dtype, mma, monkeypatch):
 def test_gpu_shiftwise(geom, separate, layout, dtype):
     shape, m = geom
     dt = getattr(torch, dtype)
-    errs = sw_case(shape, m, separate=separate, dtype=dt, layout=layout, device="cuda")
+    errs, ran = _kernels_ran(sw_case, shape, m, separate=separate, dtype=dt, layout=layout, device="cuda")
     errs["tol"] = TOL[dt]
     _assert_case(errs, f"{geom}-{separate}-{layout}-{dtype}")
+    assert ran == {"direct_nhwc" if layout == "nhwc" else "mma", "grad_weight"}, ran
 
 
 def _sw_deploy_geometry(m: int, k: int = 3):
@@ -515,9 +665,10 @@ def test_gpu_dwconv2d_sum_sw_deploy(geom, layout, dtype):
     shape, m = geom
     kernels, paddings = _sw_deploy_geometry(m)
     dt = getattr(torch, dtype)
-    errs = dwsum_case(shape, kernels, paddings, dtype=dt, layout=layout, device="cuda")
+    errs, ran = _kernels_ran(dwsum_case, shape, kernels, paddings, dtype=dt, layout=layout, device="cuda")
     errs["tol"] = TOL[dt]
     _assert_case(errs, f"{geom}-{layout}-{dtype}")
+    assert ran == {"direct_nhwc" if layout == "nhwc" else "mma", "grad_weight"}, ran
 
 
 @pytest.mark.gpu
@@ -531,8 +682,9 @@ def test_gpu_is_available_and_compile():
         return dwconv2d(t, w, None, (6, 6, 6, 6)).relu()
 
     ref = f(x)
-    out = torch.compile(f, fullgraph=True)(x)
+    out, ran = _kernels_ran(torch.compile(f, fullgraph=True), x)
     torch.testing.assert_close(out, ref)
+    assert ran == {"mma"}, ran  # the compiled graph runs the kernel (not the op's PyTorch fallback)
 
 
 @pytest.mark.gpu
@@ -554,8 +706,10 @@ def test_gpu_weight_grad_deterministic():
     x = torch.randn(8, 64, 32, 32, device="cuda")
     g = torch.randn(8, 64, 32, 32, device="cuda")
     ops = torch.ops.lkvision
-    a = ops.triton_dwconv2d_grad_weight(g, x, [31, 31], [15, 15, 15, 15])
-    b = ops.triton_dwconv2d_grad_weight(g, x, [31, 31], [15, 15, 15, 15])
+    before = triton_dwconv.LAUNCHES["grad_weight"]
+    a = ops.triton_dwconv2d_grad_weight(g, x, [31, 31], [15, 15, 15, 15], "")
+    b = ops.triton_dwconv2d_grad_weight(g, x, [31, 31], [15, 15, 15, 15], "")
+    assert triton_dwconv.LAUNCHES["grad_weight"] == before + 2  # the kernel, not the PyTorch fallback
     assert torch.equal(a, b)
 
 

@@ -1,4 +1,5 @@
-"""Measured dispatch: pick the fastest of several equivalent implementations, once per problem, then cache it.
+"""Measured dispatch with fallback: pick the fastest of several equivalent implementations once per problem,
+cache it, and never let a failing fast path take a model down.
 
 Like cuDNN's benchmark mode: the first time an operator meets a problem (``op`` + a hashable ``key`` made of
 whatever changes the relative speed of the paths: device, dtype, layout, shapes, padding, training or not),
@@ -6,10 +7,11 @@ whatever changes the relative speed of the paths: device, dtype, layout, shapes,
 dictionary look-up::
 
     train = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    impl = autoselect.choose("dwconv2d", key,
-                             {"triton": autoselect.candidate(run_triton, (x, weight), train),
-                              "channels_last": autoselect.candidate(run_cl, (x, weight), train)},
-                             "channels_last", tensors=(x, weight))
+    why = kernels.can_run_dwconv2d(x, weight, None, pad, needs_grad=train)   # None: Triton can serve it
+    names = (["triton"] if why is None else []) + ["channels_last"]
+    impl = autoselect.choose("dwconv2d", key, {n: autoselect.candidate(run[n], (x, weight), train) for n in names},
+                             "channels_last", unavailable={"triton": why} if why else None, tensors=(x, weight))
+    tag = autoselect.fallback_tag("dwconv2d", key, impl)   # handed to the Triton op: what to do if it fails
 
 :func:`candidate` builds such a timing callable: the forward under ``no_grad``, or forward + backward on detached
 leaves when ``train`` (so that the choice reflects training cost and no gradient reaches the caller's tensors).
@@ -17,8 +19,30 @@ leaves when ``train`` (so that the choice reflects training cost and no gradient
 Timing (:func:`measure`): ``WARMUP`` untimed calls (JIT compilation, cuDNN's own algorithm search, allocator
 warm-up), then the median of ``REPEATS`` timed calls: CUDA events + ``torch.cuda.synchronize`` when the work is
 on a CUDA device, ``time.perf_counter`` otherwise. The timer is injectable (``timer=`` argument or the
-module-level ``_timer``) so that tests can drive the choice deterministically. A candidate that raises is
-excluded (logged at debug level); if every candidate raises, ``default`` is chosen (and cached).
+module-level ``_timer``) so that tests can drive the choice deterministically.
+
+Failures (the backends are eligible only where their ``can_run`` check passed, so what is left are real
+failures: a kernel that does not compile, runs out of shared memory, ...):
+
+* a candidate that raises *while being timed* is dropped for that key (``times_ms`` None) and one
+  :class:`BackendFallbackWarning` per (op, reason) says so; if every candidate raises, ``default`` is chosen;
+* a chosen kernel that raises *later*, at run time, forward or backward, eager or inside a compiled graph,
+  reports it through the ``fallback`` tag it was given (:func:`fallback_tag`, :func:`report_failure`): the
+  kernel op serves the call with its PyTorch computation, the key's choice moves to the fastest remaining
+  candidate (or is measured again), the same warning is emitted once per (op, reason), and later calls of that
+  tag skip the kernel (:func:`tag_failed`);
+* a cached choice (e.g. from a loaded table) naming an implementation that cannot run here (``unavailable``
+  gives the reason) is dropped with the same warning; the problem is measured again where allowed, else
+  ``default`` is used.
+Explicit requests stay errors: an implementation passed as ``impl=`` or forced (below) raises.
+
+Forcing and forbidding backends by name (read at every call; ``NAME`` applies to every op that has such an
+implementation, ``OP=NAME`` to one op; comma-separated):
+
+* ``LKVISION_FORBID_BACKENDS=triton``: never offered, timed or taken from a table (silently); an op's
+  ``default`` (its PyTorch path) cannot be forbidden.
+* ``LKVISION_FORCE_BACKEND=triton`` (or ``dwconv2d=triton,shiftwise_conv=fast``): taken without timing wherever
+  it is a candidate; where it cannot run, or fails, that is an error (as with an explicit ``impl=``).
 
 No measuring happens (the cached winner is returned if there is one, else ``default``; nothing is cached) when
 
@@ -39,12 +63,17 @@ Environment variables:
   imported (torch.compile cannot read files while tracing) and at the first eager :func:`choose` after the
   variable changes. A missing file is logged and skipped; a corrupt one is logged at import and raises
   ``ValueError`` from the first eager :func:`choose`.
+* ``LKVISION_FORBID_BACKENDS``, ``LKVISION_FORCE_BACKEND``: above.
 
-Tables: :func:`save_table` writes the cache as JSON (atomically: temporary file + ``os.replace``) together with
+The operators measure on the device types in ``MEASURED_DEVICE_TYPES`` (``{"cuda"}``; tests add ``"cpu"`` to
+drive the same dispatch on CPU, where the Triton kernels run under ``TRITON_INTERPRET=1``).
+
+Tables: :func:`save_table` writes the cache as JSON (atomically, :mod:`lkvision.fileio`) together with
 the device name and the torch version; :func:`load_table` validates and merges one. :func:`cache_table` returns
-a copy of the cache for inspection and :func:`clear_cache` empties it. Keys are normalised to JSON-friendly
-tuples (``torch.dtype``/``torch.device``/``torch.memory_format`` become their ``str``, lists become tuples), so
-a key made in one process matches the same key loaded from a table.
+a copy of the cache for inspection, :func:`failures` the dropped candidates with their reasons, and
+:func:`clear_cache` empties both. Keys are normalised to JSON-friendly tuples (``torch.dtype``/``torch.device``/
+``torch.memory_format`` become their ``str``, lists become tuples), so a key made in one process matches the same
+key loaded from a table.
 
 The cache is guarded by a lock; measurements are serialised by a second (re-entrant) lock so that two threads
 never time concurrently (which would distort both measurements) while cache hits never wait for a measurement.
@@ -52,6 +81,7 @@ never time concurrently (which would distort both measurements) while cache hits
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import logging
@@ -60,15 +90,19 @@ import platform
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 
 from ..fileio import atomic_write_json
+from .kernels._common import failure_reason
 
-__all__ = ["choose", "candidate", "measure", "measuring_allowed", "save_table", "load_table", "clear_cache",
-           "cache_table", "TABLE_FORMAT", "TABLE_VERSION", "WARMUP", "REPEATS"]
+__all__ = ["choose", "candidate", "measure", "measuring_allowed", "measured_device", "eligibility", "fallback_tag",
+           "tag_failed",
+           "report_failure", "failures", "save_table", "load_table", "clear_cache", "cache_table",
+           "BackendFallbackWarning", "MEASURED_DEVICE_TYPES", "TABLE_FORMAT", "TABLE_VERSION", "WARMUP", "REPEATS"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +113,18 @@ REPEATS = 5  # timed calls per candidate; the median is used
 
 ENV_ENABLE = "LKVISION_AUTOSELECT"
 ENV_TABLE = "LKVISION_AUTOSELECT_TABLE"
+ENV_FORBID = "LKVISION_FORBID_BACKENDS"
+ENV_FORCE = "LKVISION_FORCE_BACKEND"
 _FALSE_VALUES = ("0", "false", "off", "no")
+
+MEASURED_DEVICE_TYPES: frozenset[str] = frozenset({"cuda"})
+"""Device types whose ``impl="auto"`` is measured per problem (elsewhere the operators use their fixed choice)."""
+
+
+class BackendFallbackWarning(RuntimeWarning):
+    """An implementation (a Triton kernel) failed or cannot run, and the PyTorch path serves the problem instead.
+    Emitted once per (op, reason); silence it with ``LKVISION_FORBID_BACKENDS=<name>`` (never try that backend)
+    or ``warnings.filterwarnings("ignore", category=BackendFallbackWarning)``."""
 
 Timer = Callable[[Callable[[], object], bool], float]
 """``timer(fn, cuda) -> seconds``: the cost of one call of ``fn`` (``cuda``: the work runs on a CUDA device)."""
@@ -91,7 +136,10 @@ class _Entry(NamedTuple):
 
 
 _cache: dict[tuple[str, tuple], _Entry] = {}
-_lock = threading.Lock()  # guards _cache and _env_table_done
+_failed: dict[tuple[str, tuple], dict[str, str]] = {}  # (op, key) -> {dropped candidate: reason}
+_failed_tags: dict[str, str] = {}  # fallback tag -> reason: kernels that failed at run time
+_warned: set[tuple[str, str]] = set()  # (op, reason) already warned about
+_lock = threading.Lock()  # guards _cache, _failed, _failed_tags, _warned and _env_table_done
 _measure_lock = threading.RLock()  # serialises measurements (re-entrant: a candidate may call choose itself)
 _env_table_done: str | None = None  # the LKVISION_AUTOSELECT_TABLE value already loaded (or found missing)
 
@@ -262,21 +310,232 @@ def _normalize_key(op: str, key: tuple) -> tuple[str, tuple]:
     return op, (key if _is_normalized(key) else _normalize(key))
 
 
+# ------------------------------------------------------------------------------------- forcing and forbidding
+class _Policy(NamedTuple):
+    forbid: dict[str, frozenset[str]]  # op (or "*": every op) -> names never offered
+    force: dict[str, str]  # op (or "*") -> the name taken without timing
+
+
+_POLICIES: dict[tuple[str, str], _Policy] = {}  # (forbid value, force value) -> parsed (a plain dict: traceable)
+
+
+def _parse_backends(var: str, value: str) -> list[tuple[str, str]]:
+    """``"triton, dwconv2d=torch"`` -> [("*", "triton"), ("dwconv2d", "torch")]."""
+    items = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        op, sep, name = item.partition("=")
+        op, name = (op.strip(), name.strip()) if sep else ("*", op.strip())
+        if not op or not name:
+            raise ValueError(f"{var}={value!r}: expected NAME or OP=NAME items separated by commas, got {item!r}")
+        items.append((op, name))
+    return items
+
+
+def _policy() -> _Policy:
+    key = (os.environ.get(ENV_FORBID, ""), os.environ.get(ENV_FORCE, ""))
+    policy = _POLICIES.get(key)
+    if policy is None:
+        forbid: dict[str, set[str]] = {}
+        for op, name in _parse_backends(ENV_FORBID, key[0]):
+            forbid.setdefault(op, set()).add(name)
+        force: dict[str, str] = {}
+        for op, name in _parse_backends(ENV_FORCE, key[1]):
+            if force.get(op, name) != name:
+                raise ValueError(f"{ENV_FORCE}={key[1]!r} forces two implementations for {op}")
+            force[op] = name
+        policy = _Policy({op: frozenset(names) for op, names in forbid.items()}, force)
+        _POLICIES[key] = policy
+    return policy
+
+
+def _forbidden(op: str, policy: _Policy) -> frozenset[str]:
+    return policy.forbid.get("*", frozenset()) | policy.forbid.get(op, frozenset())
+
+
+def _forced(op: str, candidates: Mapping[str, object], unavailable: Mapping[str, str], key: tuple) -> str | None:
+    """The name forced for ``op`` (``LKVISION_FORCE_BACKEND``) when it is one of its candidates; raises where it
+    cannot run (an explicit request) or is not an implementation of ``op`` at all (a typo)."""
+    policy = _policy()
+    name = policy.force.get(op)
+    specific = name is not None
+    if name is None:
+        name = policy.force.get("*")
+        if name is None:
+            return None
+    if name in candidates:
+        return name
+    if name in unavailable:
+        raise RuntimeError(f"{ENV_FORCE} forces {name!r} for {op}, but it cannot run the problem {key}: "
+                           f"{unavailable[name]} (unset {ENV_FORCE}, or force it for other ops only with OP=NAME)")
+    if specific:
+        raise ValueError(f"{ENV_FORCE}: {op} has no implementation {name!r}; it has "
+                         f"{sorted({*candidates, *unavailable})}")
+    return None  # a name forced for every op that this op does not have
+
+
+def _usable(op: str, key: tuple, candidates: Mapping[str, object], default: str) -> dict[str, object]:
+    """``candidates`` minus the forbidden ones (never ``default``) and those that failed for this key."""
+    forbidden = _forbidden(op, _policy())
+    failed = _failed.get((op, key), {})
+    return {n: c for n, c in candidates.items() if (n == default or n not in forbidden) and n not in failed}
+
+
+# ---------------------------------------------------------------------------------------------------- failures
+_TAG_SEP = "|"
+
+
+def fallback_tag(op: str, key: tuple, name: str) -> str:
+    """What the kernel op chosen for ``(op, key)`` is told to do when it fails at run time (its ``fallback``
+    argument, see ``lkvision.ops.kernels._common.run_guarded``): "" (raise) when ``name`` is forced by
+    ``LKVISION_FORCE_BACKEND``, else a tag naming op, implementation and key, so that the failure can be reported
+    (:func:`report_failure`) and the key's choice moved to the PyTorch path. Plain traceable Python: under
+    torch.compile the tag is a constant of the graph."""
+    force = _policy().force
+    if force.get(op, force.get("*")) == name:
+        return ""
+    try:
+        k = _normalize_key(op, key)[1]
+    except _Unkeyable:
+        return f"{op}{_TAG_SEP}{name}{_TAG_SEP}"
+    return f"{op}{_TAG_SEP}{name}{_TAG_SEP}{k!r}"
+
+
+def _parse_tag(tag: str) -> tuple[str, str, tuple | None]:
+    op, _, rest = tag.partition(_TAG_SEP)
+    name, _, key_repr = rest.partition(_TAG_SEP)
+    try:  # a literal (the repr of a normalised key): never code
+        key = ast.literal_eval(key_repr) if key_repr else None
+    except (ValueError, SyntaxError):
+        key = None
+    return op, name, key if isinstance(key, tuple) else None
+
+
+def tag_failed(tag: str) -> bool:
+    """Whether the kernel chosen under this ``fallback`` tag failed before (its calls go straight to PyTorch)."""
+    return tag in _failed_tags
+
+
+def _warn_once(op: str, reason: str, message: str) -> None:
+    with _lock:
+        if (op, reason) in _warned:
+            return
+        _warned.add((op, reason))
+    warnings.warn(message, BackendFallbackWarning, stacklevel=3)
+
+
+def _how_to(name: str) -> str:
+    return (f"To stop trying it: {ENV_FORBID}={name} (or pass the operator an explicit PyTorch impl=); to get the "
+            f"error instead: impl={name!r} or {ENV_FORCE}={name}.")
+
+
+def _drop(op: str, key: tuple, name: str, reason: str) -> str | None:
+    """Record that ``name`` failed for ``(op, key)``; returns the cached winner that replaces it (None: the key
+    is measured again, or takes the default). Call with ``_lock`` held."""
+    k = (op, key)
+    _failed.setdefault(k, {})[name] = reason
+    entry = _cache.get(k)
+    if entry is None or entry.winner != name:
+        return entry.winner if entry is not None else None
+    times = dict(entry.times_ms)
+    times[name] = None
+    ok = {n: t for n, t in times.items() if t is not None and n not in _failed[k]}
+    if ok:
+        _cache[k] = _Entry(min(ok, key=ok.__getitem__), times)
+        return _cache[k].winner
+    del _cache[k]
+    return None
+
+
+def report_failure(tag: str, reason: str) -> None:
+    """A kernel chosen under ``tag`` (:func:`fallback_tag`) failed at run time with ``reason``: drop it for that
+    key (the next call takes the fastest remaining candidate, or measures again), remember the tag (its later
+    calls skip the kernel) and warn once per (op, reason). The caller serves the call with PyTorch."""
+    op, name, key = _parse_tag(tag)
+    with _lock:
+        _failed_tags[tag] = reason
+        replacement = _drop(op, key, name, reason) if key is not None else None
+    logger.info("autoselect %s %s: %r failed at run time (%s); now %s", op, key, name, reason,
+                replacement or "measured again / default")
+    _warn_once(op, reason, f"lkvision: {op}: {reason}, in the {name!r} implementation chosen for the problem "
+                           f"{key}. This call and the later ones of this problem use the PyTorch path instead; other "
+                           f"{op} problems failing the same way fall back without another warning. " + _how_to(name))
+
+
+def failures() -> dict[tuple[str, tuple], dict[str, str]]:
+    """The candidates dropped per (op, key) because they raised (while timed or at run time), with the reason."""
+    with _lock:
+        return {k: dict(v) for k, v in _failed.items()}
+
+
+# ------------------------------------------------------------------------------------------------ eligibility
+_eligible: dict[tuple, tuple[str | None]] = {}  # (op, key, extra) -> (reason,): memoised can_run results
+
+
+def eligibility(op: str, key: tuple, check: Callable[[], str | None], extra: tuple = ()) -> str | None:
+    """``check()`` (a backend's can_run reason, None when it can run) memoised per ``(op, key, extra)`` until
+    :func:`clear_cache`: the checks cost tens of microseconds of Python, the look-up well under one. ``key`` is
+    the operator's autoselect key (it holds everything the checks depend on but the strides of a strided input:
+    pass those as ``extra``). Nothing is stored while torch.compile traces."""
+    memo = (op, key, extra)
+    hit = _eligible.get(memo)
+    if hit is not None:
+        return hit[0]
+    reason = check()
+    if not torch.compiler.is_compiling():
+        _eligible[memo] = (reason,)
+    return reason
+
+
 # ----------------------------------------------------------------------------------------------------- choose
-def _lookup_while_compiling(op: str, key: tuple, candidates: Mapping[str, object], default: str) -> str:
+def measured_device(x: torch.Tensor) -> bool:
+    """Whether ``impl="auto"`` is measured per problem on ``x``'s device type (``MEASURED_DEVICE_TYPES``)."""
+    return x.device.type in MEASURED_DEVICE_TYPES
+
+
+def _lookup_while_compiling(op: str, key: tuple, candidates: Mapping[str, object], default: str,
+                            unavailable: Mapping[str, str]) -> str:
     """The choice inside a torch.compile trace: a plain look-up, no lock, logging or timing (all traceable)."""
     try:
-        entry = _cache.get(_normalize_key(op, key))
+        k = _normalize_key(op, key)[1]
     except _Unkeyable:
         return default
-    if entry is not None and entry.winner in candidates:
+    forced = _forced(op, candidates, unavailable, k)
+    if forced is not None:
+        return forced
+    entry = _cache.get((op, k))
+    if entry is not None and entry.winner in _usable(op, k, candidates, default):
         return entry.winner
     return default
 
 
+def _stale_winner(op: str, key: tuple, winner: str, candidates: Mapping[str, object], unavailable: Mapping[str, str],
+                  default: str) -> None:
+    """A cached winner that is not usable here: silent when forbidden or already failed; warned about (once per
+    (op, reason)) when it cannot run here or is not an implementation of ``op``."""
+    if (winner in _forbidden(op, _policy()) and winner != default) or winner in _failed.get((op, key), {}):
+        return
+    if winner in unavailable:
+        reason = unavailable[winner]
+        what, hint = f"it cannot run here: {reason}", _how_to(winner)
+    elif winner not in candidates:
+        reason = f"{winner!r} is not an implementation of {op} (it has {sorted({*candidates, *unavailable})})"
+        what, hint = reason, "Re-measure and save the table with this lkvision to update it."
+    else:
+        return
+    with _lock:
+        _failed.setdefault((op, key), {})[winner] = reason
+    _warn_once(op, reason, f"lkvision: {op}: the autoselect cache/table names {winner!r} for the problem {key}, "
+                           f"but {what}. That problem is measured again (where allowed) or uses the default "
+                           f"{default!r}; other {op} problems in this situation follow without another warning. "
+                           + hint)
+
+
 def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], default: str, *,
-           tensors: Iterable[object] = (), measure_ok: bool = True, timer: Timer | None = None,
-           cuda: bool | None = None) -> str:
+           unavailable: Mapping[str, str] | None = None, tensors: Iterable[object] = (), measure_ok: bool = True,
+           timer: Timer | None = None, cuda: bool | None = None) -> str:
     """The name of the fastest candidate for ``(op, key)``, measured on the first call and cached.
 
     Args:
@@ -285,19 +544,25 @@ def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], def
             torch.memory_format, torch.layout, or nested tuples/lists of these.
         candidates: name -> a zero-argument callable that runs that implementation once on representative
             inputs (it must not have side effects the caller can see: no gradients into the caller's tensors).
+            Only implementations that can serve the problem (their ``can_run`` check passed).
         default: the name returned when nothing may be measured and nothing is cached, when every candidate
-            raises, or always when ``LKVISION_AUTOSELECT=0``.
+            raises, or always when ``LKVISION_AUTOSELECT=0``. It is never forbidden.
+        unavailable: name -> why that implementation cannot serve this problem here (not timed; a cached winner
+            with that name is dropped with a :class:`BackendFallbackWarning` giving the reason).
         tensors: the tensors the work runs on; meta/fake/subclass tensors forbid measuring, and a CUDA one
             selects CUDA-event timing.
         measure_ok: False forbids measuring (the cached winner or ``default`` is returned).
         timer: ``timer(fn, cuda) -> seconds`` (default: the module's ``_timer``, i.e. :func:`measure`).
         cuda: whether the candidates run on CUDA (default: whether any of ``tensors`` is a CUDA tensor).
 
-    A cached winner that is not among ``candidates`` (e.g. a table from a machine with Triton) counts as a miss.
-    Where measuring is allowed, a single candidate is returned without timing (and without caching).
+    A name forced by ``LKVISION_FORCE_BACKEND`` is returned without timing (a RuntimeError where it cannot run);
+    forbidden names (``LKVISION_FORBID_BACKENDS``) and candidates that failed for this key are never returned. A
+    cached winner that is not usable counts as a miss. Where measuring is allowed, a single usable candidate is
+    returned without timing (and without caching).
     """
+    unavailable = unavailable or {}
     if torch.compiler.is_compiling():
-        return _lookup_while_compiling(op, key, candidates, default) if _enabled() else default
+        return _lookup_while_compiling(op, key, candidates, default, unavailable) if _enabled() else default
     if not _enabled():
         return default
     _load_env_table()
@@ -305,28 +570,34 @@ def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], def
         k = _normalize_key(op, key)
     except _Unkeyable:
         return default
+    forced = _forced(op, candidates, unavailable, k[1])
+    if forced is not None:
+        return forced
+    usable = _usable(op, k[1], candidates, default)
     with _lock:
         entry = _cache.get(k)
-    if entry is not None and entry.winner in candidates:
-        return entry.winner
+    if entry is not None:
+        if entry.winner in usable:
+            return entry.winner
+        _stale_winner(op, k[1], entry.winner, candidates, unavailable, default)
     tensors = tuple(tensors)
     why = "measure_ok=False" if not measure_ok else _not_measurable_reason(tensors)
-    if why is not None or not candidates:
+    if why is not None or not usable:
         logger.debug("autoselect %s %s: not measuring (%s); using %r", op, k[1], why or "no candidates", default)
         return default
-    if len(candidates) == 1:  # nothing to compare
-        return next(iter(candidates))
+    if len(usable) == 1:  # nothing to compare
+        return next(iter(usable))
     cuda_device = next((t.device for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda), None)
     if cuda is None:
         cuda = cuda_device is not None
     with _measure_lock:
         with _lock:
             entry = _cache.get(k)
-        if entry is not None and entry.winner in candidates:  # another thread measured it meanwhile
+        if entry is not None and entry.winner in usable:  # another thread measured it meanwhile
             return entry.winner
         # the events and synchronize of the timer must be on the tensors' device, not on the current one
         with torch.cuda.device(cuda_device) if cuda_device is not None else contextlib.nullcontext():
-            entry = _measure_all(op, k[1], candidates, default, timer if timer is not None else _timer, cuda)
+            entry = _measure_all(op, k[1], usable, default, timer if timer is not None else _timer, cuda)
         with _lock:
             _cache[k] = entry
     return entry.winner
@@ -338,9 +609,16 @@ def _measure_all(op: str, key: tuple, candidates: Mapping[str, Callable[[], obje
     for name, fn in candidates.items():
         try:
             seconds = float(timer(fn, cuda))
-        except Exception as exc:  # a failing candidate is simply not a winner
-            logger.debug("autoselect %s %s: candidate %r raised %s: %s", op, key, name, type(exc).__name__, exc)
+        except Exception as exc:  # a failing candidate is dropped for this key, loudly
+            reason = failure_reason(repr(name), exc)
+            logger.info("autoselect %s %s: candidate %r failed: %s", op, key, name, reason, exc_info=True)
             times[name] = None
+            with _lock:
+                _failed.setdefault((op, key), {})[name] = reason
+            _warn_once(op, reason, f"lkvision: {op}: {reason}, while the {name!r} implementation was being timed "
+                                   f"for the problem {key}. It is not used for that problem (the fastest of the "
+                                   f"others serves it); other {op} problems failing the same way drop it without "
+                                   "another warning. " + _how_to(name))
             continue
         times[name] = seconds * 1e3
     ok = {name: t for name, t in times.items() if t is not None}
@@ -351,9 +629,14 @@ def _measure_all(op: str, key: tuple, candidates: Mapping[str, Callable[[], obje
 
 # ----------------------------------------------------------------------------------------------------- tables
 def clear_cache() -> None:
-    """Forget every cached choice (a table named by ``LKVISION_AUTOSELECT_TABLE`` is not re-read)."""
+    """Forget every cached choice, every dropped candidate and failed kernel, the memoised eligibility checks and
+    which fallbacks were warned about (a table named by ``LKVISION_AUTOSELECT_TABLE`` is not re-read)."""
     with _lock:
         _cache.clear()
+        _failed.clear()
+        _failed_tags.clear()
+        _warned.clear()
+        _eligible.clear()
 
 
 def cache_table() -> dict[tuple[str, tuple], dict[str, Any]]:

@@ -9,11 +9,13 @@ Paths (``impl``):
   * ``"channels_last"``: ``F.conv2d`` on a channels_last copy (oneDNN / cuDNN NHWC kernels), PyTorch autograd.
   * ``"custom"``: ``F.conv2d`` forward with our own backward (see :func:`dwconv2d_grad_input` and
     :func:`dwconv2d_grad_weight`); PyTorch's CPU backward of large strip depth-wise convs is slow.
-  * ``"triton"``: ``lkvision.ops.kernels.triton_dwconv.dwconv2d`` when that optional module says it can run.
-  * ``"auto"``: CPU -> ``"custom"`` (measured once, see docs/ops.md); CUDA -> the fastest of ``"triton"`` (when
-    available), ``"channels_last"`` and ``"torch"``, timed per problem (device, dtype, layout, shape, padding,
-    training or not) on first use and cached by :mod:`lkvision.ops.autoselect` ("Measured dispatch on CUDA" in
-    docs/ops.md).
+  * ``"triton"``: ``lkvision.ops.kernels.triton_dwconv.dwconv2d``; a RuntimeError with the reason where its
+    can_run check fails, ``KernelError`` where a kernel fails.
+  * ``"auto"``: CPU -> ``"custom"`` (measured once, see docs/ops.md); CUDA -> the fastest of ``"triton"`` (where
+    its can_run check passes), ``"channels_last"`` and ``"torch"``, timed per problem (device, dtype, layout,
+    shape, padding, training or not) on first use and cached by :mod:`lkvision.ops.autoselect` ("Measured
+    dispatch on CUDA" in docs/ops.md). A Triton kernel that fails, while timed or later (forward or backward),
+    is dropped for that problem and the PyTorch path serves it, with one warning ("When a fast path fails").
 """
 
 from __future__ import annotations
@@ -121,12 +123,13 @@ def _to_channels_last(x: Tensor) -> Tensor:
 
 
 def _forward_impl(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int],
-                  impl: str) -> Tensor:
-    """The forward of every path (no autograd)."""
+                  impl: str, fallback: str = "") -> Tensor:
+    """The forward of every path (no autograd). ``fallback``: what the Triton op does when a kernel fails ("":
+    raise; an autoselect tag: warn once and compute with PyTorch; see :func:`dwconv2d`)."""
     if impl == "triton":
         from lkvision.ops.kernels import triton_dwconv
 
-        return triton_dwconv.dwconv2d(x, weight, bias, pad4)
+        return triton_dwconv.dwconv2d(x, weight, bias, pad4, fallback=fallback)
     if impl in ("channels_last", "custom"):
         # the NHWC kernels (oneDNN on CPU, cuDNN on CUDA) are by far the fastest for large strips
         return _conv_any_pad(_to_channels_last(x), weight, bias, pad4)
@@ -157,18 +160,17 @@ def dwconv2d_grad_weight(grad_out: Tensor, x: Tensor, kernel_hw: tuple[int, int]
     return gw.reshape(b, c, kh, kw).sum(0).reshape(c, 1, kh, kw).to(grad_out.dtype)
 
 
-def _triton_available(x: Tensor) -> bool:
-    if x.device.type != "cuda":
-        return False
-    try:
-        from lkvision.ops import kernels
-    except ImportError:  # pragma: no cover
-        return False
-    fn = getattr(kernels, "is_available", None)
-    try:
-        return bool(fn(x)) if fn is not None else False
-    except Exception:  # pragma: no cover - an optional backend must never break the op
-        return False
+def _triton_reason(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int],
+                   needs_grad: bool) -> str | None:
+    """Why the Triton kernels cannot serve this problem (None: they can): ``lkvision.ops.kernels``' can_run check
+    of the platform (triton, device, dtype, capability), shapes and launch limits, forward and backward."""
+    from lkvision.ops import kernels  # the package never imports triton
+
+    return kernels.can_run_dwconv2d(x, weight, bias, pad4, needs_grad=needs_grad)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------- impl="auto"
@@ -206,26 +208,33 @@ def _cuda_auto_key(x: Tensor, weight: Tensor, pad4: tuple[int, int, int, int], t
             tuple(pad4), train, autocast)
 
 
-def _cuda_auto_impl(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int]) -> str:
-    """impl="auto" on CUDA: the fastest of Triton (when available), channels_last (cuDNN NHWC) and torch (NCHW),
-    timed once per problem by :func:`lkvision.ops.autoselect.choose` (forward + backward when a gradient will be
-    needed), then cached. Falls back to "channels_last" where nothing may be measured (see docs/ops.md)."""
-    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+def _cuda_auto_impl(x: Tensor, weight: Tensor, bias: Tensor | None,
+                    pad4: tuple[int, int, int, int]) -> tuple[str, str]:
+    """impl="auto" on CUDA: ``(impl, fallback)``, the fastest of Triton (where its can_run check passes),
+    channels_last (cuDNN NHWC) and torch (NCHW), timed once per problem by :func:`lkvision.ops.autoselect.choose`
+    (forward + backward when a gradient will be needed), then cached; "channels_last" where nothing may be
+    measured (see docs/ops.md). ``fallback`` is the tag the Triton op gets (a failure falls back to PyTorch)."""
+    train = _needs_grad(x, weight, bias)
     key = _cuda_auto_key(x, weight, pad4, train)
-    names = (["triton"] if _triton_available(x) else []) + ["channels_last", "torch"]
-    # _forward_impl is what dwconv2d runs for these three paths (the Triton one has its own autograd)
+    why = autoselect.eligibility("dwconv2d", key, lambda: _triton_reason(x, weight, bias, pad4, train),
+                                 tuple(x.stride()))
+    names = (["triton"] if why is None else []) + ["channels_last", "torch"]
+    # _forward_impl is what dwconv2d runs for these three paths (the Triton one has its own autograd); timed
+    # candidates raise on failure (fallback=""), so that a failing kernel is dropped, not timed as PyTorch
     candidates = {name: autoselect.candidate(lambda x_, w_, b_, name=name: _forward_impl(x_, w_, b_, pad4, name),
                                              (x, weight, bias), train)
                   for name in names}
-    return autoselect.choose("dwconv2d", key, candidates, _CUDA_AUTO_DEFAULT, tensors=(x, weight, bias))
+    impl = autoselect.choose("dwconv2d", key, candidates, _CUDA_AUTO_DEFAULT, tensors=(x, weight, bias),
+                             unavailable=None if why is None else {"triton": why})
+    return impl, autoselect.fallback_tag("dwconv2d", key, impl) if impl == "triton" else ""
 
 
-def _auto_impl(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int]) -> str:
-    """The choice for impl="auto" (docs/ops.md): CPU -> "custom" (measured once, see docs); CUDA -> measured per
-    problem by :func:`_cuda_auto_impl`."""
-    if x.device.type == "cuda":
+def _auto_impl(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int]) -> tuple[str, str]:
+    """The choice for impl="auto" (docs/ops.md), ``(impl, fallback)``: CPU -> "custom" (measured once, see docs);
+    CUDA (``autoselect.MEASURED_DEVICE_TYPES``) -> measured per problem by :func:`_cuda_auto_impl`."""
+    if autoselect.measured_device(x):
         return _cuda_auto_impl(x, weight, bias, pad4)
-    return "custom"
+    return "custom", ""
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
@@ -307,7 +316,10 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: Pad
         weight: (C, 1, KH, KW), same dtype as ``x``.
         bias: optional (C,).
         padding: ``"same"`` (KH//2, KW//2), an int, ``(ph, pw)``, or F.pad-style ``(left, right, top, bottom)``.
-        impl: one of ``DWCONV_IMPLS``; "auto" takes the measured fastest path for the device.
+        impl: one of ``DWCONV_IMPLS``; "auto" takes the measured fastest path for the device. "triton" forces the
+            Triton kernels: a RuntimeError names the reason where they cannot serve the problem, and a kernel
+            failure raises. Under "auto" a Triton kernel that fails (forward or backward) is dropped for the
+            problem and the PyTorch path serves it, with one ``autoselect.BackendFallbackWarning`` per reason.
 
     Returns:
         (B, C, H + top + bottom - KH + 1, W + left + right - KW + 1). The "custom" and "channels_last" paths
@@ -322,11 +334,14 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: Pad
     if x.shape[2] + pad4[2] + pad4[3] < weight.shape[2] or x.shape[3] + pad4[0] + pad4[1] < weight.shape[3]:
         raise ValueError(f"dwconv2d: padded input {tuple(x.shape[2:])} + {pad4} is smaller than the kernel "
                          f"{tuple(weight.shape[2:])}")
+    fallback = ""  # explicit impl="triton": kernel failures raise
     if impl == "auto":  # resolved here, before the op call: the op's fake impl derives the layout from impl
-        impl = _auto_impl(x, weight, bias, pad4)
-    if impl == "triton" and not _triton_available(x):
-        raise RuntimeError("dwconv2d: impl='triton' requested but lkvision.ops.kernels is not available here")
+        impl, fallback = _auto_impl(x, weight, bias, pad4)
+    elif impl == "triton":
+        why = _triton_reason(x, weight, bias, pad4, _needs_grad(x, weight, bias))
+        if why is not None:
+            raise RuntimeError(f"dwconv2d: impl='triton' cannot run here: {why} (impl='auto' picks a path that can)")
     if impl in ("torch", "channels_last", "triton"):
         # plain PyTorch autograd (the baselines), or the Triton module's own custom op with its own backward
-        return _forward_impl(x, weight, bias, pad4, impl)
+        return _forward_impl(x, weight, bias, pad4, impl, fallback)
     return _dwconv2d_op(x, weight, bias, list(pad4), impl)

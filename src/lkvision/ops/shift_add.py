@@ -342,29 +342,34 @@ def fold_shiftwise_weight(weight: Tensor, pad_hv: Tensor, idx_identit: Tensor, b
 SHIFTWISE_CONV_IMPLS = SHIFT_ADD_IMPLS + ("triton",)
 
 
-def _kernels_module(x: Tensor, *, cuda_only: bool = True):
-    """The optional Triton module when it can run on ``x`` (lazy import), else None. ``cuda_only=False`` also
-    accepts CPU tensors under ``TRITON_INTERPRET=1`` (explicit ``impl="triton"``, used by the tests)."""
-    if cuda_only and x.device.type != "cuda":
-        return None
-    try:
-        from lkvision.ops import kernels
-        from lkvision.ops.kernels import triton_dwconv, triton_shiftwise
-    except ImportError:
-        return None
-    try:
-        ok = bool(kernels.is_available(x)) and triton_dwconv.HAS_TRITON
-    except Exception:  # pragma: no cover - an optional backend must never break the op
-        ok = False
-    return (triton_dwconv, triton_shiftwise) if ok else None
+def _triton_modules():
+    """The Triton kernel modules (lazy import; they import without triton too)."""
+    from lkvision.ops.kernels import triton_dwconv, triton_shiftwise
+
+    return triton_dwconv, triton_shiftwise
 
 
-def _require_kernels(x: Tensor, what: str):
-    mods = _kernels_module(x, cuda_only=False)
-    if mods is None:
-        raise RuntimeError(f"{what}: impl='triton' requested but the Triton kernels cannot run on a "
-                           f"{x.device.type} {x.dtype} tensor here (needs triton and CUDA, or TRITON_INTERPRET=1)")
-    return mods
+def _triton_choice(op: str, key_fn, reason_fn, candidates: dict, default: str, impl: str,
+                   tensors: tuple) -> tuple[str, str]:
+    """``(choice, fallback)`` of a Shiftwise op between its fused Triton launch and its PyTorch form.
+
+    ``impl="triton"``: "triton" with fallback "" (failures raise), or a RuntimeError naming why it cannot run
+    (``reason_fn()``: the kernel's can_run check). ``impl="auto"`` (on a measured device, CUDA):
+    :func:`lkvision.ops.autoselect.choose` among the eligible candidates (Triton only where its can_run check,
+    memoised per key, passed), with the fallback tag for the Triton op. ``key_fn()`` builds the autoselect key."""
+    if impl == "triton":
+        unavailable_reason = reason_fn()
+        if unavailable_reason is not None:
+            raise RuntimeError(f"{op}: impl='triton' cannot run here: {unavailable_reason} (impl='auto' picks a path "
+                               "that can)")
+        return "triton", ""
+    key = key_fn()
+    unavailable_reason = autoselect.eligibility(op, key, reason_fn, tuple(tensors[0].stride()))
+    if unavailable_reason is not None:
+        candidates = {n: c for n, c in candidates.items() if n != "triton"}
+    choice = autoselect.choose(op, key, candidates, default, tensors=tensors,
+                               unavailable=None if unavailable_reason is None else {"triton": unavailable_reason})
+    return choice, autoselect.fallback_tag(op, key, choice) if choice == "triton" else ""
 
 
 def _sw_key(x: Tensor, kernels: tuple[Tensor, ...], extra: tuple) -> tuple:
@@ -422,28 +427,28 @@ def shiftwise_conv(x: Tensor, weight: Tensor, pad_hv: Tensor, idx_identit: Tenso
         x, kh, kv, ks = autocast_inputs(x, kh, kv, ks)
     else:
         kh, kv, ks = fold_shiftwise_weight(weight, pad_hv, idx_identit, big_kernel, k)
-    mods = _require_kernels(x, "shiftwise_conv") if impl == "triton" else \
-        _kernels_module(x) if impl == "auto" else None
-    if mods is None:
+    if impl == "fast" or (impl == "auto" and not autoselect.measured_device(x)):
         return shiftwise_strips(x, kh, kv, ks, big_kernel, k)
 
-    def fused(x_, kh_, kv_, ks_):
-        return mods[1].shiftwise_strips(x_, kh_, kv_, ks_, None, big_kernel, k, separate=True)
+    def fused(x_, kh_, kv_, ks_, fallback=""):  # fallback "": a kernel failure raises (timing, impl="triton")
+        return _triton_modules()[1].shiftwise_strips(x_, kh_, kv_, ks_, None, big_kernel, k, separate=True,
+                                                     fallback=fallback)
 
     def strips(x_, kh_, kv_, ks_):
         return shiftwise_strips(x_, kh_, kv_, ks_, big_kernel, k)
 
-    if impl == "auto":
-        tensors = (x, kh, kv, ks)
-        key = _sw_key(x, (kh, kv, ks), (big_kernel, k))
-        train = key[-1]
-        choice = autoselect.choose("shiftwise_conv", key,
-                                   {"triton": autoselect.candidate(fused, tensors, train),
-                                    "fast": autoselect.candidate(strips, tensors, train)},
-                                   "fast", tensors=tensors)
-        if choice != "triton":
-            return strips(x, kh, kv, ks)
-    return fused(x, kh, kv, ks)
+    from lkvision.ops import kernels  # the package never imports triton
+
+    tensors = (x, kh, kv, ks)
+    train = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    choice, fallback = _triton_choice(
+        "shiftwise_conv", lambda: _sw_key(x, (kh, kv, ks), (big_kernel, k)),
+        lambda: kernels.can_run_shiftwise(x, kh, kv, ks, None, big_kernel, k, separate=True, needs_grad=train),
+        {"triton": autoselect.candidate(fused, tensors, train), "fast": autoselect.candidate(strips, tensors, train)},
+        "fast", impl, tensors)
+    if choice != "triton":
+        return strips(x, kh, kv, ks)
+    return fused(x, kh, kv, ks, fallback)
 
 
 def shiftwise_deploy_conv(x: Tensor, weight_h: Tensor, bias_h: Tensor | None, weight_v: Tensor,
@@ -462,32 +467,32 @@ def shiftwise_deploy_conv(x: Tensor, weight_h: Tensor, bias_h: Tensor | None, we
     if impl not in DWCONV_IMPLS:
         raise ValueError(f"shiftwise_deploy_conv: impl must be one of {DWCONV_IMPLS}, got {impl!r}")
     x, weight_h, weight_v, bias_h, bias_v = autocast_inputs(x, weight_h, weight_v, bias_h, bias_v)
-    mods = _require_kernels(x, "shiftwise_deploy_conv") if impl == "triton" else \
-        _kernels_module(x) if impl == "auto" else None
 
     def two_convs(x_, wh_, wv_, bh_, bv_):
-        conv_impl = "auto" if impl == "triton" else impl
-        y = dwconv2d(x_, wh_, bh_, padding=padding_h, impl=conv_impl)
-        return y + dwconv2d(x_, wv_, bv_, padding=padding_v, impl=conv_impl)
+        y = dwconv2d(x_, wh_, bh_, padding=padding_h, impl=impl)
+        return y + dwconv2d(x_, wv_, bv_, padding=padding_v, impl=impl)
 
-    if mods is None:
+    if impl not in ("auto", "triton") or (impl == "auto" and not autoselect.measured_device(x)):
         return two_convs(x, weight_h, weight_v, bias_h, bias_v)
     pads = [normalize_padding(padding_h, tuple(weight_h.shape[-2:])),
             normalize_padding(padding_v, tuple(weight_v.shape[-2:]))]
 
-    def fused(x_, wh_, wv_, bh_, bv_):
+    def fused(x_, wh_, wv_, bh_, bv_, fallback=""):  # fallback "": a kernel failure raises (timing, "triton")
         bias = bh_ if bv_ is None else bv_ if bh_ is None else bh_ + bv_
-        return mods[0].dwconv2d_sum(x_, [wh_, wv_], bias, pads)
+        return _triton_modules()[0].dwconv2d_sum(x_, [wh_, wv_], bias, pads, fallback=fallback)
 
-    if impl == "auto":
-        tensors = tuple(t for t in (x, weight_h, weight_v, bias_h, bias_v) if t is not None)
-        key = _sw_key(x, (weight_h, weight_v), (tuple(pads[0]), tuple(pads[1]), bias_h is not None))
-        train = key[-1]
-        args = (x, weight_h, weight_v, bias_h, bias_v)
-        choice = autoselect.choose("shiftwise_deploy_conv", key,
-                                   {"triton": autoselect.candidate(fused, args, train),
-                                    "two_convs": autoselect.candidate(two_convs, args, train)},
-                                   "two_convs", tensors=tensors)
-        if choice != "triton":
-            return two_convs(x, weight_h, weight_v, bias_h, bias_v)
-    return fused(x, weight_h, weight_v, bias_h, bias_v)
+    from lkvision.ops import kernels  # the package never imports triton
+
+    args = (x, weight_h, weight_v, bias_h, bias_v)
+    tensors = tuple(t for t in args if t is not None)
+    train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight_h, weight_v))  # as in the key
+    choice, fallback = _triton_choice(
+        "shiftwise_deploy_conv",
+        lambda: _sw_key(x, (weight_h, weight_v), (tuple(pads[0]), tuple(pads[1]), bias_h is not None)),
+        lambda: kernels.can_run_dwconv2d_sum(x, [weight_h, weight_v], bias_h if bias_h is not None else bias_v, pads,
+                                             needs_grad=train),
+        {"triton": autoselect.candidate(fused, args, train), "two_convs": autoselect.candidate(two_convs, args, train)},
+        "two_convs", impl, tensors)
+    if choice != "triton":  # impl is "auto" here: two dwconv2d calls with their own measured choice
+        return two_convs(x, weight_h, weight_v, bias_h, bias_v)
+    return fused(x, weight_h, weight_v, bias_h, bias_v, fallback)

@@ -30,9 +30,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import autocast_inputs, check_depthwise_args, device_supported, interpret_mode, is_channels_last, num_sms
+from . import _common
+from ._common import (
+    GRID_MAX,
+    autocast_inputs,
+    check_depthwise_args,
+    device_capability,
+    int32_reason,
+    interpret_mode,
+    is_channels_last,
+    num_sms,
+    run_guarded,
+    same_device_reason,
+)
 
-__all__ = ["dwconv2d", "dwconv2d_sum", "dwconv2d_reference", "dwconv_forward_terms", "dwconv_grad_weight", "HAS_TRITON"]
+__all__ = ["dwconv2d", "dwconv2d_sum", "dwconv2d_reference", "dwconv_forward_terms", "dwconv_grad_weight", "can_run",
+           "can_run_sum", "launch_reason", "forward_plan", "LAUNCHES", "HAS_TRITON"]
 
 try:  # triton is optional: the module must import without it
     import triton
@@ -45,9 +58,101 @@ except Exception:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Tiles and launch limits (plain data and arithmetic: the eligibility checks need them without triton)
+# ----------------------------------------------------------------------------------------------------------
+# Autotune configs. Not tuned on hardware yet (no GPU in the session that wrote them): a spread of reasonable
+# tiles; the autotuner picks per shape key on first use, among those that fit the launch limits.
+# direct forward kernel: (BLOCK_C, BLOCK_H, BLOCK_W, num_warps, num_stages)
+FWD_NCHW_TILES = ((1, 8, 32, 2, 1), (1, 8, 64, 4, 1), (1, 16, 32, 4, 1), (1, 16, 64, 4, 1), (1, 16, 64, 8, 1),
+                  (1, 32, 32, 4, 1), (1, 32, 64, 8, 1), (1, 8, 128, 4, 1), (1, 4, 64, 2, 1), (1, 8, 16, 2, 1))
+FWD_NHWC_TILES = ((32, 2, 8, 4, 1), (64, 2, 8, 4, 1), (64, 4, 8, 8, 1), (32, 4, 8, 4, 1), (128, 1, 8, 4, 1),
+                  (128, 2, 4, 8, 1), (16, 4, 16, 4, 1), (64, 1, 16, 4, 1))
+# weight gradient: (BLOCK_C, BLOCK_J, BLOCK_W, num_warps, num_stages)
+GW_NCHW_TILES = ((1, 16, 32, 4, 1), (1, 16, 64, 4, 1), (1, 32, 32, 4, 1), (1, 32, 64, 8, 1), (1, 64, 32, 8, 1),
+                 (1, 8, 64, 4, 1), (1, 4, 64, 2, 1))
+GW_NHWC_TILES = ((32, 4, 8, 4, 1), (64, 4, 4, 4, 1), (64, 8, 4, 8, 1), (32, 8, 8, 8, 1), (128, 4, 2, 8, 1),
+                 (16, 4, 16, 4, 1))
+# tensor-core forward kernel: (BLOCK_H, BLOCK_W, num_warps, num_stages)
+MMA_TILES = ((16, 32, 4, 2), (32, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2),
+             (128, 32, 8, 2), (64, 16, 4, 2))
+
 # Under the interpreter the kernels run one fixed small tile, unless LKVISION_TRITON_AUTOTUNE_IN_INTERPRETER=1
 # asks for the autotuned wrappers (two configs each, timed on the host): a CPU test of the autotune plumbing.
 FIXED_TILES = interpret_mode() and os.environ.get("LKVISION_TRITON_AUTOTUNE_IN_INTERPRETER", "0") != "1"
+# Fixed tiles for the CPU interpreter (small, to exercise masking and several programs on tiny shapes).
+_INTERP_MMA = dict(BLOCK_H=16, BLOCK_W=16)
+_INTERP_FWD = {False: dict(BLOCK_C=1, BLOCK_H=8, BLOCK_W=16), True: dict(BLOCK_C=4, BLOCK_H=8, BLOCK_W=8)}
+_INTERP_GW = {False: dict(BLOCK_C=1, BLOCK_J=8, BLOCK_W=16), True: dict(BLOCK_C=4, BLOCK_J=8, BLOCK_W=8)}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def mma_band(block: int, sides: Sequence[int]) -> int:
+    """Window length of the Toeplitz products: next_pow2(tile + longest kernel side - 1), at least 16."""
+    if not sides:
+        return 16
+    return max(16, 1 << (block + max(sides) - 2).bit_length())
+
+
+def grid_rows_ok(h_out: int, w_out: int, block_h: int, block_w: int) -> bool:
+    """The forward grid's second dimension (output tiles per plane) within CUDA's 65535."""
+    return _cdiv(h_out, block_h) * _cdiv(w_out, block_w) <= GRID_MAX[1]
+
+
+def grad_weight_grid_ok(kh: int, kw: int, block_j: int) -> bool:
+    """The weight-gradient grid's second dimension (kernel rows x column blocks) within CUDA's 65535."""
+    return kh * _cdiv(kw, block_j) <= GRID_MAX[1]
+
+
+def mma_shared_memory(tile: Sequence[int], terms: Sequence[tuple[int, int]], element_size: int) -> int:
+    """Estimated shared memory (bytes) of the tensor-core kernel: both ``tl.dot`` operand tiles of the widest
+    Toeplitz product, one buffer per pipeline stage, plus an fp32 output tile for the epilogue's layout change."""
+    bh, bw, _, stages = tile
+    rows = [kw for kh, kw in terms if term_mode(kh, kw) == 1]
+    cols = [kh for kh, kw in terms if term_mode(kh, kw) == 2]
+    operands = 0
+    if rows:
+        bu = mma_band(bw, rows)
+        operands = max(operands, bh * bu + bu * bw)
+    if cols:
+        bv = mma_band(bh, cols)
+        operands = max(operands, bh * bv + bv * bw)
+    return stages * operands * element_size + bh * bw * 4
+
+
+def mma_tile_ok(tile: Sequence[int], h_out: int, w_out: int, terms: Sequence[tuple[int, int]], element_size: int,
+                smem_limit: int | None) -> bool:
+    """A tensor-core config can launch: grid within limits and (when the limit is known) its estimated shared
+    memory within the device's per-block maximum."""
+    if not grid_rows_ok(h_out, w_out, tile[0], tile[1]):
+        return False
+    return smem_limit is None or mma_shared_memory(tile, terms, element_size) <= smem_limit
+
+
+_SMEM_LIMITS: dict[int, int | None] = {}
+
+
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Per-block shared memory (bytes) a Triton kernel may use on ``device`` (the opt-in maximum that triton's
+    compiler checks against); None where unknown or irrelevant (CPU / interpreter)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMEM_LIMITS:
+        limit = None
+        try:
+            from triton.runtime import driver
+
+            limit = int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+        except Exception:  # older/newer triton layout: the per-SM figure minus the 1 KiB the driver reserves
+            with contextlib.suppress(Exception):
+                limit = int(torch.cuda.get_device_properties(index).shared_memory_per_multiprocessor) - 1024
+        _SMEM_LIMITS[index] = limit
+    return _SMEM_LIMITS[index]
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
@@ -283,46 +388,49 @@ if HAS_TRITON:
             if SEPARATE:
                 tl.store(out2_ptr + o_off, acc2.to(out2_ptr.dtype.element_ty), mask=out_mask)
 
-    # Autotune configs. Not tuned on hardware yet (no GPU in the session that wrote them): a spread of
-    # reasonable tiles; the autotuner picks per shape key on first use.
-    def _cfg(bc, bh, bw, warps, stages=1, names=("BLOCK_C", "BLOCK_H", "BLOCK_W")):
-        return triton.Config(dict(zip(names, (bc, bh, bw))), num_warps=warps, num_stages=stages)
+    def _cfg(names, tile):
+        *blocks, warps, stages = tile
+        return triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages)
 
-    _FWD_NCHW_CONFIGS = [
-        _cfg(1, 8, 32, 2), _cfg(1, 8, 64, 4), _cfg(1, 16, 32, 4), _cfg(1, 16, 64, 4),
-        _cfg(1, 16, 64, 8), _cfg(1, 32, 32, 4), _cfg(1, 32, 64, 8), _cfg(1, 8, 128, 4),
-        _cfg(1, 4, 64, 2), _cfg(1, 8, 16, 2),
-    ]
-    _FWD_NHWC_CONFIGS = [
-        _cfg(32, 2, 8, 4), _cfg(64, 2, 8, 4), _cfg(64, 4, 8, 8), _cfg(32, 4, 8, 4),
-        _cfg(128, 1, 8, 4), _cfg(128, 2, 4, 8), _cfg(16, 4, 16, 4), _cfg(64, 1, 16, 4),
-    ]
+    _FWD = ("BLOCK_C", "BLOCK_H", "BLOCK_W")
     _GW = ("BLOCK_C", "BLOCK_J", "BLOCK_W")
-    _GW_NCHW_CONFIGS = [
-        _cfg(1, 16, 32, 4, names=_GW), _cfg(1, 16, 64, 4, names=_GW), _cfg(1, 32, 32, 4, names=_GW),
-        _cfg(1, 32, 64, 8, names=_GW), _cfg(1, 64, 32, 8, names=_GW), _cfg(1, 8, 64, 4, names=_GW),
-        _cfg(1, 4, 64, 2, names=_GW),
-    ]
-    _GW_NHWC_CONFIGS = [
-        _cfg(32, 4, 8, 4, names=_GW), _cfg(64, 4, 4, 4, names=_GW), _cfg(64, 8, 4, 8, names=_GW),
-        _cfg(32, 8, 8, 8, names=_GW), _cfg(128, 4, 2, 8, names=_GW), _cfg(16, 4, 16, 4, names=_GW),
-    ]
+    _FWD_NCHW_CONFIGS = [_cfg(_FWD, t) for t in FWD_NCHW_TILES]
+    _FWD_NHWC_CONFIGS = [_cfg(_FWD, t) for t in FWD_NHWC_TILES]
+    _GW_NCHW_CONFIGS = [_cfg(_GW, t) for t in GW_NCHW_TILES]
+    _GW_NHWC_CONFIGS = [_cfg(_GW, t) for t in GW_NHWC_TILES]
+    _MMA_CONFIGS = [_cfg(("BLOCK_H", "BLOCK_W"), t) for t in MMA_TILES]
     _FWD_KEY = ["C", "H_out", "W_out", "KH0", "KW0", "KH1", "KW1", "KH2", "KW2", "NUM_TERMS", "SEPARATE"]
     _GW_KEY = ["C", "H_out", "W_out", "KH", "KW", "ROWS_PER_SPLIT"]
-    _MMA_CONFIGS = [
-        triton.Config(dict(BLOCK_H=bh, BLOCK_W=bw), num_warps=nw, num_stages=ns)
-        for bh, bw, nw, ns in [(16, 32, 4, 2), (32, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 8, 2),
-                               (16, 64, 4, 2), (128, 32, 8, 2), (64, 16, 4, 2)]
-    ]
     _MMA_KEY = _FWD_KEY + ["MODE0", "MODE1", "MODE2", "DOT_PRECISION"]
 
     def _band(a: dict, mode: int, size: str, block: str) -> int:
-        """Window length of the Toeplitz products: next_pow2(tile + longest kernel side - 1), >= 16."""
-        ext = [a[f"{size}{t}"] for t in range(a["NUM_TERMS"]) if a[f"MODE{t}"] == mode]
-        return max(16, triton.next_power_of_2(a[block] + max(ext) - 1)) if ext else 16
+        return mma_band(a[block], [a[f"{size}{t}"] for t in range(a["NUM_TERMS"]) if a[f"MODE{t}"] == mode])
 
     _mma_bands = triton.heuristics({"BLOCK_U": lambda a: _band(a, 1, "KW", "BLOCK_W"),
                                     "BLOCK_V": lambda a: _band(a, 2, "KH", "BLOCK_H")})
+
+    def _terms_of(nargs: dict, kwargs: dict) -> list[tuple[int, int]]:
+        return [(int(nargs[f"KH{t}"]), int(nargs[f"KW{t}"])) for t in range(kwargs["NUM_TERMS"])]
+
+    # Early pruning (before the autotuner benchmarks): configs whose grid exceeds the CUDA limits or whose
+    # tensor-core tiles exceed the device's shared memory are never compiled (see _forward_plan).
+    def _prune_mma(configs, nargs, **kwargs):
+        x = nargs["x0_ptr"]
+        limit = shared_memory_limit(x.device)
+        terms = _terms_of(nargs, kwargs)
+        ok = [cfg for cfg in configs
+              if mma_tile_ok((cfg.kwargs["BLOCK_H"], cfg.kwargs["BLOCK_W"], cfg.num_warps, cfg.num_stages),
+                             nargs["H_out"], nargs["W_out"], terms, x.element_size(), limit)]
+        return ok or configs[:1]
+
+    def _prune_direct(configs, nargs, **kwargs):
+        ok = [cfg for cfg in configs if grid_rows_ok(nargs["H_out"], nargs["W_out"], cfg.kwargs["BLOCK_H"],
+                                                     cfg.kwargs["BLOCK_W"])]
+        return ok or configs[:1]
+
+    def _prune_gw(configs, nargs, **kwargs):
+        ok = [cfg for cfg in configs if grad_weight_grid_ok(nargs["KH"], nargs["KW"], cfg.kwargs["BLOCK_J"])]
+        return ok or configs[:1]
 
     def _host_bench(fn, quantiles=None, **_):
         """Wall-clock timing for the autotuner under the interpreter (tests of the autotune plumbing)."""
@@ -333,28 +441,24 @@ if HAS_TRITON:
         ms = (time.perf_counter() - start) * 1e3
         return [ms] * len(quantiles) if quantiles else ms
 
-    def _autotuned(kernel, configs, key):
+    def _autotuned(kernel, configs, key, prune):
         """The kernel wrapped in triton.autotune. Under the interpreter with AUTOTUNE_IN_INTERPRETER set, two
-        configs timed on the host (checks keys, heuristics and configs without a GPU)."""
+        configs timed on the host (checks keys, heuristics, pruning and configs without a GPU)."""
         if interpret_mode():
-            return triton.autotune(configs=configs[:2], key=key, do_bench=_host_bench)(kernel)
-        return triton.autotune(configs=configs, key=key)(kernel)
+            return triton.autotune(configs=configs[:2], key=key, do_bench=_host_bench,
+                                   prune_configs_by={"early_config_prune": prune})(kernel)
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
     if FIXED_TILES:  # the interpreter runs one fixed small config (autotuning would be pointless)
         _fwd_nchw = _fwd_nhwc = _dw_fwd_kernel
         _gw_nchw = _gw_nhwc = _dw_grad_weight_kernel
         _fwd_mma = _mma_bands(_dw_fwd_mma_kernel)
     else:
-        _fwd_mma = _autotuned(_mma_bands(_dw_fwd_mma_kernel), _MMA_CONFIGS, _MMA_KEY)
-        _fwd_nchw = _autotuned(_dw_fwd_kernel, _FWD_NCHW_CONFIGS, _FWD_KEY)
-        _fwd_nhwc = _autotuned(_dw_fwd_kernel, _FWD_NHWC_CONFIGS, _FWD_KEY)
-        _gw_nchw = _autotuned(_dw_grad_weight_kernel, _GW_NCHW_CONFIGS, _GW_KEY)
-        _gw_nhwc = _autotuned(_dw_grad_weight_kernel, _GW_NHWC_CONFIGS, _GW_KEY)
-
-# Fixed tiles for the CPU interpreter (small, to exercise masking and several programs on tiny shapes).
-_INTERP_MMA = dict(BLOCK_H=16, BLOCK_W=16)
-_INTERP_FWD = {False: dict(BLOCK_C=1, BLOCK_H=8, BLOCK_W=16), True: dict(BLOCK_C=4, BLOCK_H=8, BLOCK_W=8)}
-_INTERP_GW = {False: dict(BLOCK_C=1, BLOCK_J=8, BLOCK_W=16), True: dict(BLOCK_C=4, BLOCK_J=8, BLOCK_W=8)}
+        _fwd_mma = _autotuned(_mma_bands(_dw_fwd_mma_kernel), _MMA_CONFIGS, _MMA_KEY, _prune_mma)
+        _fwd_nchw = _autotuned(_dw_fwd_kernel, _FWD_NCHW_CONFIGS, _FWD_KEY, _prune_direct)
+        _fwd_nhwc = _autotuned(_dw_fwd_kernel, _FWD_NHWC_CONFIGS, _FWD_KEY, _prune_direct)
+        _gw_nchw = _autotuned(_dw_grad_weight_kernel, _GW_NCHW_CONFIGS, _GW_KEY, _prune_gw)
+        _gw_nhwc = _autotuned(_dw_grad_weight_kernel, _GW_NHWC_CONFIGS, _GW_KEY, _prune_gw)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,10 +489,96 @@ def _mma_enabled() -> bool:
 def dot_precision(x: Tensor) -> str:
     """``tl.dot`` input precision of the tensor-core kernel for fp32 inputs, following PyTorch's convention for
     convolutions: TF32 (one pass, ~1e-3 relative error, like cuDNN) when ``torch.backends.cudnn.allow_tf32``
-    (PyTorch's default), else ``tf32x3`` (three TF32 passes, ~fp32 accuracy). fp16/bf16 use the native MMA."""
-    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32:
+    (PyTorch's default), else ``tf32x3`` (three TF32 passes, ~fp32 accuracy). fp16/bf16 use the native MMA.
+    GPUs without TF32 (compute capability < 8.0) get ``ieee`` (exact fp32 products)."""
+    if x.dtype != torch.float32:
         return "tf32"
-    return "tf32x3" if x.dtype == torch.float32 else "tf32"
+    if x.is_cuda and torch.version.hip is None and device_capability(x.device) < (8, 0):
+        return "ieee"
+    if x.is_cuda and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "tf32x3"
+
+
+def _fwd_tiles_in_use(kind: str, channels_last: bool) -> Sequence[tuple[int, ...]]:
+    """The tiles a launch may use: the interpreter's fixed tile, or the autotune configs."""
+    if FIXED_TILES:
+        if kind == "mma":
+            return ((_INTERP_MMA["BLOCK_H"], _INTERP_MMA["BLOCK_W"], 4, 1),)
+        t = (_INTERP_FWD if kind == "direct" else _INTERP_GW)[channels_last]
+        return (tuple(t.values()) + (4, 1),)
+    if kind == "mma":
+        return MMA_TILES
+    if kind == "direct":
+        return FWD_NHWC_TILES if channels_last else FWD_NCHW_TILES
+    return GW_NHWC_TILES if channels_last else GW_NCHW_TILES
+
+
+def forward_plan(bsz: int, c: int, out_hw: Sequence[int], terms: Sequence[tuple[int, int]], channels_last: bool,
+                 dtype: torch.dtype, device: torch.device) -> tuple[str | None, str | None]:
+    """Which forward kernel a launch of these terms uses, ``(path, None)`` with path in ``LAUNCHES``' keys
+    ("mma", "direct_nchw", "direct_nhwc"), or ``(None, reason)`` when no kernel can launch it.
+
+    NCHW outputs with a term at least ``TOEPLITZ_MIN_SIDE`` wide or tall take the tensor-core kernel when one of
+    its configs fits the grid limits and (on CUDA) the device's shared memory; otherwise the direct kernel."""
+    h_out, w_out = int(out_hw[0]), int(out_hw[1])
+    if bsz * c > GRID_MAX[0]:
+        return None, f"batch x channels = {bsz * c} exceeds the grid limit {GRID_MAX[0]}"
+    modes = [term_mode(kh, kw) for kh, kw in terms]
+    # (the interpreter computes bf16 tl.dot wrongly in triton 3.7: bf16 runs the direct kernel there)
+    interp_bf16 = interpret_mode() and dtype == torch.bfloat16
+    if not channels_last and not interp_bf16 and any(modes) and _mma_enabled():
+        limit = shared_memory_limit(device)
+        if any(mma_tile_ok(t, h_out, w_out, terms, dtype.itemsize, limit) for t in _fwd_tiles_in_use("mma", False)):
+            return "mma", None
+    if any(grid_rows_ok(h_out, w_out, t[1], t[2]) for t in _fwd_tiles_in_use("direct", channels_last)):
+        return ("direct_nhwc" if channels_last else "direct_nchw"), None
+    return None, (f"an output plane of {h_out} x {w_out} needs more than {GRID_MAX[1]} tiles with every tile "
+                  "size")
+
+
+def grad_weight_reason(c: int, kh: int, kw: int, channels_last: bool) -> str | None:
+    """Why the weight-gradient kernel cannot launch for a (kh x kw) kernel (None: it can)."""
+    if not any(grad_weight_grid_ok(kh, kw, t[1]) for t in _fwd_tiles_in_use("grad_weight", channels_last)):
+        return f"a {kh} x {kw} kernel needs more than {GRID_MAX[1]} programs per channel block"
+    return None
+
+
+def launch_reason(x_shape: Sequence[int], x_stride: Sequence[int], terms: Sequence[tuple[int, int]],
+                  out_hw: Sequence[int], channels_last: bool, dtype: torch.dtype, device: torch.device, *,
+                  needs_grad: bool = False) -> str | None:
+    """Why the kernels cannot launch a (sum of) depth-wise conv(s) of ``x`` (None: they can): int32 indexing
+    within a sample, grid limits and shared memory, for the forward and, with ``needs_grad``, the input-gradient
+    (the forward kernel on the output gradient) and weight-gradient kernels."""
+    bsz, c, h_in, w_in = (int(v) for v in x_shape)
+    h_out, w_out = int(out_hw[0]), int(out_hw[1])
+    if h_out <= 0 or w_out <= 0:
+        return f"empty output ({h_out} x {w_out})"
+    why = int32_reason("the input", x_shape, x_stride) or (
+        int32_reason("the output", (bsz, c, h_out, w_out), (c * h_out * w_out, h_out * w_out, w_out, 1)))
+    if why:
+        return why
+    why = forward_plan(bsz, c, (h_out, w_out), terms, channels_last, dtype, device)[1]
+    if why:
+        return f"forward kernel: {why}"
+    if needs_grad:
+        why = forward_plan(bsz, c, (h_in, w_in), terms, channels_last, dtype, device)[1]
+        if why:
+            return f"input-gradient kernel: {why}"
+        for kh, kw in terms:
+            why = grad_weight_reason(c, kh, kw, channels_last)
+            if why:
+                return f"weight-gradient kernel: {why}"
+    return None
+
+
+def _launch(path: str, kernel, grid, args: Sequence[object], consts: dict) -> None:
+    """Launch ``kernel`` on the device of its first tensor; count it in ``LAUNCHES[path]`` once it was enqueued
+    without error (so the counter says which kernels really ran)."""
+    device = args[0].device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **consts)
+    LAUNCHES[path] += 1
 
 
 def _flat_weight(w: Tensor) -> Tensor:
@@ -453,24 +643,24 @@ def dwconv_forward_terms(
     consts = dict(NUM_TERMS=n, SEPARATE=bool(separate), ADD_IDENTITY=identity is not None,
                   HAS_BIAS=bias is not None)
 
-    modes = [term_mode(int(w.shape[-2]), int(w.shape[-1])) for w in weights] + [0] * (3 - n)
-    # (the interpreter computes bf16 tl.dot wrongly in triton 3.7: bf16 runs the direct kernel there)
-    interp_bf16 = interpret_mode() and x0.dtype == torch.bfloat16
-    use_mma = not channels_last and not interp_bf16 and any(modes) and _mma_enabled()
+    terms = [(int(w.shape[-2]), int(w.shape[-1])) for w in weights]
+    path, why = forward_plan(bsz, c, out_hw, terms, channels_last, x0.dtype, x0.device)
+    if path is None:
+        raise ValueError(f"dwconv_forward_terms: no Triton kernel can launch this problem: {why}")
+    use_mma = path == "mma"
 
     def grid(meta):
         return (bsz * (c if use_mma else triton.cdiv(c, meta["BLOCK_C"])),
                 triton.cdiv(h_out, meta["BLOCK_H"]) * triton.cdiv(w_out, meta["BLOCK_W"]))
 
-    with torch.cuda.device(x0.device) if x0.is_cuda else contextlib.nullcontext():
-        LAUNCHES["mma" if use_mma else "direct_nhwc" if channels_last else "direct_nchw"] += 1
-        if use_mma:
-            consts.update(MODE0=modes[0], MODE1=modes[1], MODE2=modes[2], DOT_PRECISION=dot_precision(x0))
-            _fwd_mma[grid](*args, **consts, **(_INTERP_MMA if FIXED_TILES else {}))
-        elif FIXED_TILES:
-            _dw_fwd_kernel[grid](*args, **consts, **_INTERP_FWD[channels_last])
-        else:
-            (_fwd_nhwc if channels_last else _fwd_nchw)[grid](*args, **consts)
+    if use_mma:
+        modes = [term_mode(kh, kw) for kh, kw in terms] + [0] * (3 - n)
+        consts.update(MODE0=modes[0], MODE1=modes[1], MODE2=modes[2], DOT_PRECISION=dot_precision(x0))
+        _launch(path, _fwd_mma, grid, args, {**consts, **(_INTERP_MMA if FIXED_TILES else {})})
+    elif FIXED_TILES:
+        _launch(path, _dw_fwd_kernel, grid, args, {**consts, **_INTERP_FWD[channels_last]})
+    else:
+        _launch(path, _fwd_nhwc if channels_last else _fwd_nchw, grid, args, consts)
     return outs
 
 
@@ -497,6 +687,9 @@ def dwconv_grad_weight(grad_out: Tensor, x: Tensor, kernel_hw: tuple[int, int],
     if rows == 0 or c == 0:
         return torch.zeros((c, 1, kh, kw), dtype=torch.float32, device=x.device)
     channels_last = is_channels_last(x)
+    why = grad_weight_reason(c, kh, kw, channels_last)
+    if why:
+        raise ValueError(f"dwconv_grad_weight: no Triton kernel can launch this problem: {why}")
     split = _grad_weight_split(rows, c, kh, kw, channels_last, x.device)
     rows_per_split = triton.cdiv(rows, split)
     split = triton.cdiv(rows, rows_per_split)
@@ -507,12 +700,10 @@ def dwconv_grad_weight(grad_out: Tensor, x: Tensor, kernel_hw: tuple[int, int],
     def grid(meta):
         return (triton.cdiv(c, meta["BLOCK_C"]), kh * triton.cdiv(kw, meta["BLOCK_J"]), split)
 
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        LAUNCHES["grad_weight"] += 1
-        if FIXED_TILES:
-            _dw_grad_weight_kernel[grid](*args, **_INTERP_GW[channels_last])
-        else:
-            (_gw_nhwc if channels_last else _gw_nchw)[grid](*args)
+    if FIXED_TILES:
+        _launch("grad_weight", _dw_grad_weight_kernel, grid, args, _INTERP_GW[channels_last])
+    else:
+        _launch("grad_weight", _gw_nhwc if channels_last else _gw_nchw, grid, args, {})
     return partial.sum(0).unsqueeze(1)
 
 
@@ -533,41 +724,94 @@ def _out_hw(x_shape, kernel_hw, padding) -> tuple[int, int]:
 
 
 def _use_kernels(*tensors: Tensor) -> bool:
-    return HAS_TRITON and all(device_supported(t) for t in tensors)
+    """Whether the kernels can run on the tensors' device and dtype; where they cannot (CPU without the
+    interpreter, no triton) the custom ops compute with PyTorch, so that they exist and agree everywhere."""
+    return HAS_TRITON and all(_common.platform_reason(t) is None for t in tensors)
+
+
+def _fmt(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Custom ops
+# Eligibility: can the kernels serve a problem? (checked by the dispatchers before they offer this backend)
+# ----------------------------------------------------------------------------------------------------------
+def can_run(x: Tensor, weight: Tensor, bias: Tensor | None, padding: Sequence[int], *,
+            needs_grad: bool = False) -> str | None:
+    """Why :func:`dwconv2d` cannot run its Triton kernels on this problem, or None when it can.
+
+    Checks the platform (triton, device, dtype, compute capability: :func:`~._common.platform_reason`), that all
+    tensors share the device, the shapes, and the launch limits of the kernels the call (and, with
+    ``needs_grad``, its backward) would launch: int32 indexing within a sample, grid sizes, shared memory of the
+    tensor-core tiles (:func:`launch_reason`)."""
+    why = _common.platform_reason(x) or same_device_reason(x, weight, bias)
+    if why:
+        return why
+    try:
+        check_depthwise_args(x, weight, bias)
+        padding = [int(p) for p in padding]
+        if len(padding) != 4:
+            raise ValueError(f"padding must be (left, right, top, bottom), got {padding}")
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return launch_reason(x.shape, x.stride(), [tuple(weight.shape[-2:])], _out_hw(x.shape, weight.shape[-2:], padding),
+                         is_channels_last(x), x.dtype, x.device, needs_grad=needs_grad)
+
+
+def can_run_sum(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None, paddings: Sequence[Sequence[int]], *,
+                needs_grad: bool = False) -> str | None:
+    """Why :func:`dwconv2d_sum` cannot run its Triton kernels on this problem, or None when it can (the checks
+    of :func:`can_run` for every term)."""
+    why = _common.platform_reason(x) or same_device_reason(x, bias, *weights)
+    if why:
+        return why
+    try:
+        _, out_hw = _check_sum_args(x, weights, bias, paddings)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return launch_reason(x.shape, x.stride(), [tuple(w.shape[-2:]) for w in weights], out_hw, is_channels_last(x),
+                         x.dtype, x.device, needs_grad=needs_grad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops. Each takes ``fallback`` (see _common.run_guarded): "" -> a kernel failure raises KernelError;
+# an autoselect tag -> the failure is reported (Triton dropped for that problem, one warning) and the op's
+# PyTorch computation serves the call. The forward saves it, so its backward ops follow the same policy.
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("lkvision::triton_dwconv2d", mutates_args=(),
-                         schema="(Tensor x, Tensor weight, Tensor? bias, int[] padding) -> Tensor")
-def _dwconv2d_op(x: Tensor, weight: Tensor, bias: Tensor | None, padding: Sequence[int]) -> Tensor:
+                         schema="(Tensor x, Tensor weight, Tensor? bias, int[] padding, str fallback) -> Tensor")
+def _dwconv2d_op(x: Tensor, weight: Tensor, bias: Tensor | None, padding: Sequence[int], fallback: str) -> Tensor:
+    def reference() -> Tensor:
+        return dwconv2d_reference(x, weight, bias, padding).contiguous(memory_format=_fmt(is_channels_last(x)))
+
     if not _use_kernels(x):
-        return dwconv2d_reference(x, weight, bias, padding).contiguous(
-            memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
+        return reference()
     left, _, top, _ = padding
-    return dwconv_forward_terms([x], [weight], [(top, left)], _out_hw(x.shape, weight.shape[-2:], padding),
-                                bias=bias)[0]
+    out_hw = _out_hw(x.shape, weight.shape[-2:], padding)
+    return run_guarded("lkvision::triton_dwconv2d (forward)", fallback,
+                       lambda: dwconv_forward_terms([x], [weight], [(top, left)], out_hw, bias=bias)[0], reference)
 
 
 @_dwconv2d_op.register_fake
-def _(x, weight, bias, padding):
+def _(x, weight, bias, padding, fallback):
     h_out, w_out = _out_hw(x.shape, weight.shape[-2:], padding)
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     return torch.empty((x.shape[0], x.shape[1], h_out, w_out), dtype=x.dtype, device=x.device,
-                       memory_format=fmt)
+                       memory_format=_fmt(is_channels_last(x)))
 
 
 def _grad_input_terms(grads: Sequence[Tensor], weights: Sequence[Tensor], paddings: Sequence[Sequence[int]],
-                      input_hw: Sequence[int], channels_last: bool, add_identity: bool = False) -> Tensor:
+                      input_hw: Sequence[int], channels_last: bool, add_identity: bool = False, *,
+                      kernel: str, fallback: str = "") -> Tensor:
     """dx of ``sum_t pad_t+conv(x, w_t)`` whose term t receives the output gradient ``grads[t]`` (the same
     tensor for a summed output): the sum of full correlations of the gradients with the flipped kernels,
-    cropped to the input, plus ``grads[0]`` for an identity term (one fused launch on the kernels' device)."""
+    cropped to the input, plus ``grads[0]`` for an identity term (one fused launch on the kernels' device).
+    ``kernel`` names the calling op in failure messages; ``fallback`` as in the custom ops."""
     h_in, w_in = (int(v) for v in input_hw)
     flipped = [w.flip((-2, -1)) for w in weights]
     offsets = [(w.shape[-2] - 1 - pad[2], w.shape[-1] - 1 - pad[0]) for w, pad in zip(weights, paddings)]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if not _use_kernels(grads[0]):
+    fmt = _fmt(channels_last)
+
+    def reference() -> Tensor:
         gx = grads[0] if add_identity else None
         for g, wf, (top, left) in zip(grads, flipped, offsets):
             pad_t = (left, w_in - 1 - g.shape[3] + wf.shape[-1] - left,
@@ -575,53 +819,71 @@ def _grad_input_terms(grads: Sequence[Tensor], weights: Sequence[Tensor], paddin
             t = dwconv2d_reference(g, wf, None, pad_t)
             gx = t if gx is None else gx + t
         return gx.contiguous(memory_format=fmt)
-    laid_out = {id(g): g.contiguous(memory_format=fmt) for g in grads}  # one copy per distinct gradient
-    grads = [laid_out[id(g)] for g in grads]
-    gx = dwconv_forward_terms(grads, flipped, offsets, (h_in, w_in), channels_last=channels_last,
-                              identity=grads[0] if add_identity else None)[0]
-    return gx.contiguous(memory_format=fmt)
+
+    def launch() -> Tensor:
+        laid_out = {id(g): g.contiguous(memory_format=fmt) for g in grads}  # one copy per distinct gradient
+        gs = [laid_out[id(g)] for g in grads]
+        gx = dwconv_forward_terms(gs, flipped, offsets, (h_in, w_in), channels_last=channels_last,
+                                  identity=gs[0] if add_identity else None)[0]
+        return gx.contiguous(memory_format=fmt)
+
+    if not _use_kernels(grads[0]):
+        return reference()
+    return run_guarded(kernel, fallback, launch, reference)
 
 
 @torch.library.custom_op("lkvision::triton_dwconv2d_grad_input", mutates_args=(),
                          schema="(Tensor grad_out, Tensor weight, int[] padding, int[] input_hw, "
-                                "bool channels_last) -> Tensor")
+                                "bool channels_last, str fallback) -> Tensor")
 def _dwconv2d_grad_input_op(grad_out: Tensor, weight: Tensor, padding: Sequence[int], input_hw: Sequence[int],
-                            channels_last: bool) -> Tensor:
-    return _grad_input_terms([grad_out], [weight], [padding], input_hw, channels_last)
+                            channels_last: bool, fallback: str) -> Tensor:
+    return _grad_input_terms([grad_out], [weight], [padding], input_hw, channels_last,
+                             kernel="lkvision::triton_dwconv2d_grad_input (backward)", fallback=fallback)
 
 
 @_dwconv2d_grad_input_op.register_fake
-def _(grad_out, weight, padding, input_hw, channels_last):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+def _(grad_out, weight, padding, input_hw, channels_last, fallback):
     return torch.empty((grad_out.shape[0], grad_out.shape[1], *input_hw), dtype=grad_out.dtype,
-                       device=grad_out.device, memory_format=fmt)
+                       device=grad_out.device, memory_format=_fmt(channels_last))
+
+
+def _grad_weight_reference(grad_out: Tensor, x: Tensor, kernel_hw: Sequence[int], padding: Sequence[int]) -> Tensor:
+    """fp32 (C, 1, KH, KW) weight gradient with PyTorch: ``gw[c, i, j] = sum g[b, c, y, x] xpad[b, c, y+i, x+j]``,
+    a conv of the padded input with the channels as the batch."""
+    bsz, c = x.shape[:2]
+    xp = F.pad(x.float(), tuple(int(p) for p in padding)).transpose(0, 1)
+    xp = xp.reshape(1, c * bsz, xp.shape[2], xp.shape[3])
+    gw = F.conv2d(xp, grad_out.float().transpose(0, 1), groups=c)  # (1, C, KH', KW') with KH' >= KH
+    return gw[0, :, : kernel_hw[0], : kernel_hw[1]].unsqueeze(1).contiguous()
 
 
 @torch.library.custom_op("lkvision::triton_dwconv2d_grad_weight", mutates_args=(),
-                         schema="(Tensor grad_out, Tensor x, int[] kernel_hw, int[] padding) -> Tensor")
-def _dwconv2d_grad_weight_op(grad_out: Tensor, x: Tensor, kernel_hw: Sequence[int],
-                             padding: Sequence[int]) -> Tensor:
+                         schema="(Tensor grad_out, Tensor x, int[] kernel_hw, int[] padding, str fallback) "
+                                "-> Tensor")
+def _dwconv2d_grad_weight_op(grad_out: Tensor, x: Tensor, kernel_hw: Sequence[int], padding: Sequence[int],
+                             fallback: str) -> Tensor:
     """fp32 (C, 1, KH, KW) weight gradient."""
-    left, _, top, _ = padding
+    def reference() -> Tensor:
+        return _grad_weight_reference(grad_out, x, kernel_hw, padding)
+
     if not _use_kernels(grad_out, x):
-        # gw[c, i, j] = sum g[b, c, y, x] * xpad[b, c, y + i, x + j]: a conv of xpad (channels as batch)
-        bsz, c = x.shape[:2]
-        xp = F.pad(x.float(), tuple(int(p) for p in padding)).transpose(0, 1)
-        xp = xp.reshape(1, c * bsz, xp.shape[2], xp.shape[3])
-        gw = F.conv2d(xp, grad_out.float().transpose(0, 1), groups=c)  # (1, C, KH', KW') with KH' >= KH
-        return gw[0, :, : kernel_hw[0], : kernel_hw[1]].unsqueeze(1).contiguous()
-    return dwconv_grad_weight(grad_out, x, (int(kernel_hw[0]), int(kernel_hw[1])), (int(top), int(left)))
+        return reference()
+    left, _, top, _ = padding
+    return run_guarded("lkvision::triton_dwconv2d_grad_weight (backward)", fallback,
+                       lambda: dwconv_grad_weight(grad_out, x, (int(kernel_hw[0]), int(kernel_hw[1])),
+                                                  (int(top), int(left))),
+                       reference)
 
 
 @_dwconv2d_grad_weight_op.register_fake
-def _(grad_out, x, kernel_hw, padding):
+def _(grad_out, x, kernel_hw, padding, fallback):
     return torch.empty((x.shape[1], 1, *kernel_hw), dtype=torch.float32, device=x.device)
 
 
 def _dwconv2d_setup(ctx, inputs, output):
-    x, weight, bias, padding = inputs
+    x, weight, bias, padding, fallback = inputs
     ctx.save_for_backward(x, weight)
-    ctx.padding = list(padding)
+    ctx.padding, ctx.fallback = list(padding), fallback
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
@@ -631,13 +893,13 @@ def _dwconv2d_backward(ctx, grad_out):
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
         grad_x = torch.ops.lkvision.triton_dwconv2d_grad_input(
-            grad_out, weight, ctx.padding, list(x.shape[-2:]), is_channels_last(x))
+            grad_out, weight, ctx.padding, list(x.shape[-2:]), is_channels_last(x), ctx.fallback)
     if ctx.needs_input_grad[1]:
         grad_w = torch.ops.lkvision.triton_dwconv2d_grad_weight(
-            grad_out, x, list(weight.shape[-2:]), ctx.padding).to(weight.dtype)
+            grad_out, x, list(weight.shape[-2:]), ctx.padding, ctx.fallback).to(weight.dtype)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad_out.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
-    return grad_x, grad_w, grad_b, None
+    return grad_x, grad_w, grad_b, None, None
 
 
 _dwconv2d_op.register_autograd(_dwconv2d_backward, setup_context=_dwconv2d_setup)
@@ -651,47 +913,53 @@ def _split_paddings(paddings: Sequence[int]) -> list[list[int]]:
 
 
 @torch.library.custom_op("lkvision::triton_dwconv2d_sum", mutates_args=(),
-                         schema="(Tensor x, Tensor[] weights, Tensor? bias, int[] paddings) -> Tensor")
-def _dwconv2d_sum_op(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None, paddings: Sequence[int]) -> Tensor:
+                         schema="(Tensor x, Tensor[] weights, Tensor? bias, int[] paddings, str fallback) "
+                                "-> Tensor")
+def _dwconv2d_sum_op(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None, paddings: Sequence[int],
+                     fallback: str) -> Tensor:
     pads = _split_paddings(paddings)
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    if not _use_kernels(x):
+
+    def reference() -> Tensor:
         out = sum(dwconv2d_reference(x, w, None, pad) for w, pad in zip(weights, pads))
         if bias is not None:
             out = out + bias.to(out.dtype).view(1, -1, 1, 1)
-        return out.contiguous(memory_format=fmt)
-    return dwconv_forward_terms([x] * len(weights), weights, [(pad[2], pad[0]) for pad in pads],
-                                _out_hw(x.shape, weights[0].shape[-2:], pads[0]), bias=bias)[0]
+        return out.contiguous(memory_format=_fmt(is_channels_last(x)))
+
+    if not _use_kernels(x):
+        return reference()
+    return run_guarded("lkvision::triton_dwconv2d_sum (forward)", fallback,
+                       lambda: dwconv_forward_terms([x] * len(weights), weights, [(pad[2], pad[0]) for pad in pads],
+                                                    _out_hw(x.shape, weights[0].shape[-2:], pads[0]), bias=bias)[0],
+                       reference)
 
 
 @_dwconv2d_sum_op.register_fake
-def _(x, weights, bias, paddings):
+def _(x, weights, bias, paddings, fallback):
     h_out, w_out = _out_hw(x.shape, weights[0].shape[-2:], _split_paddings(paddings)[0])
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     return torch.empty((x.shape[0], x.shape[1], h_out, w_out), dtype=x.dtype, device=x.device,
-                       memory_format=fmt)
+                       memory_format=_fmt(is_channels_last(x)))
 
 
 @torch.library.custom_op("lkvision::triton_dwconv2d_sum_grad_input", mutates_args=(),
                          schema="(Tensor grad_out, Tensor[] weights, int[] paddings, int[] input_hw, "
-                                "bool channels_last) -> Tensor")
+                                "bool channels_last, str fallback) -> Tensor")
 def _dwconv2d_sum_grad_input_op(grad_out: Tensor, weights: Sequence[Tensor], paddings: Sequence[int],
-                                input_hw: Sequence[int], channels_last: bool) -> Tensor:
+                                input_hw: Sequence[int], channels_last: bool, fallback: str) -> Tensor:
     return _grad_input_terms([grad_out] * len(weights), weights, _split_paddings(paddings), input_hw,
-                             channels_last)
+                             channels_last, kernel="lkvision::triton_dwconv2d_sum_grad_input (backward)",
+                             fallback=fallback)
 
 
 @_dwconv2d_sum_grad_input_op.register_fake
-def _(grad_out, weights, paddings, input_hw, channels_last):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+def _(grad_out, weights, paddings, input_hw, channels_last, fallback):
     return torch.empty((grad_out.shape[0], grad_out.shape[1], *input_hw), dtype=grad_out.dtype,
-                       device=grad_out.device, memory_format=fmt)
+                       device=grad_out.device, memory_format=_fmt(channels_last))
 
 
 def _dwconv2d_sum_setup(ctx, inputs, output):
-    x, weights, bias, paddings = inputs
+    x, weights, bias, paddings, fallback = inputs
     ctx.save_for_backward(x, *weights)
-    ctx.paddings = list(paddings)
+    ctx.paddings, ctx.fallback = list(paddings), fallback
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
@@ -702,28 +970,33 @@ def _dwconv2d_sum_backward(ctx, grad_out):
     grad_ws = [None] * len(weights)
     if ctx.needs_input_grad[0]:
         grad_x = torch.ops.lkvision.triton_dwconv2d_sum_grad_input(
-            grad_out, weights, ctx.paddings, list(x.shape[-2:]), is_channels_last(x))
+            grad_out, weights, ctx.paddings, list(x.shape[-2:]), is_channels_last(x), ctx.fallback)
     if ctx.needs_input_grad[1]:
-        grad_ws = [torch.ops.lkvision.triton_dwconv2d_grad_weight(grad_out, x, list(w.shape[-2:]), pad).to(w.dtype)
+        grad_ws = [torch.ops.lkvision.triton_dwconv2d_grad_weight(grad_out, x, list(w.shape[-2:]), pad,
+                                                                  ctx.fallback).to(w.dtype)
                    for w, pad in zip(weights, _split_paddings(ctx.paddings))]
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad_out.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
-    return grad_x, grad_ws, grad_b, None
+    return grad_x, grad_ws, grad_b, None, None
 
 
 _dwconv2d_sum_op.register_autograd(_dwconv2d_sum_backward, setup_context=_dwconv2d_sum_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Public function
+# Public functions
 # ----------------------------------------------------------------------------------------------------------
-def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: Sequence[int]) -> Tensor:
+def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: Sequence[int], *,
+             fallback: str = "") -> Tensor:
     """Depth-wise conv, stride 1: x (B, C, H, W) (NCHW, channels_last or strided), weight (C, 1, KH, KW),
     bias (C,) or None, ``padding`` = F.pad-style (left, right, top, bottom).
 
     Returns (B, C, H + top + bottom - KH + 1, W + left + right - KW + 1) in the layout of ``x``
     (channels_last stays channels_last). Differentiable; runs the Triton kernels when
-    :func:`lkvision.ops.kernels.is_available` holds for ``x`` and PyTorch otherwise.
+    :func:`lkvision.ops.kernels.is_available` holds for ``x`` and PyTorch otherwise (:func:`can_run` says
+    whether the kernels can serve a given problem). A kernel that fails raises :class:`~._common.KernelError`;
+    ``fallback`` (set by :func:`lkvision.ops.dwconv2d`'s ``impl="auto"``, see ``_common.run_guarded``) turns
+    that into a warning and the PyTorch result, forward and backward.
     """
     x, weight, bias = autocast_inputs(x, weight, bias)
     check_depthwise_args(x, weight, bias)
@@ -734,19 +1007,12 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: Sequence[i
     if h_out <= 0 or w_out <= 0:
         raise ValueError(f"empty output: input {tuple(x.shape[-2:])}, kernel {tuple(weight.shape[-2:])}, "
                          f"padding {padding} give an output of {h_out} x {w_out}")
-    return torch.ops.lkvision.triton_dwconv2d(x, weight, bias, padding)
+    return torch.ops.lkvision.triton_dwconv2d(x, weight, bias, padding, fallback)
 
 
-def dwconv2d_sum(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None,
-                 paddings: Sequence[Sequence[int]]) -> Tensor:
-    """``sum_t dwconv2d(x, weights[t], None, paddings[t]) + bias`` in ONE launch (x read once, y written once).
-
-    x (B, C, H, W); 1 to 3 weights (C, 1, KH_t, KW_t) whose F.pad-style paddings (left, right, top, bottom)
-    give the same output size; bias (C,) or None. This is the deploy form of a Shiftwise layer (horizontal
-    strip with the small kernel and the identity folded in, plus the vertical strip). Differentiable w.r.t.
-    x, every weight and bias; output in the layout of ``x``.
-    """
-    x, bias, *weights = autocast_inputs(x, bias, *weights)
+def _check_sum_args(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None,
+                    paddings: Sequence[Sequence[int]]) -> tuple[list[int], tuple[int, int]]:
+    """Validate :func:`dwconv2d_sum`'s arguments; returns the flat paddings and the output size."""
     if not 1 <= len(weights) <= 3 or len(paddings) != len(weights):
         raise ValueError(f"dwconv2d_sum: need 1 to 3 weights with one padding each, got {len(weights)} weights "
                          f"and {len(paddings)} paddings")
@@ -768,4 +1034,18 @@ def dwconv2d_sum(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None,
             raise TypeError(f"dwconv2d_sum: weights[{t}] dtype {w.dtype} differs from input dtype {x.dtype}")
         out_hw = hw
         flat += pad
-    return torch.ops.lkvision.triton_dwconv2d_sum(x, weights, bias, flat)
+    return flat, out_hw
+
+
+def dwconv2d_sum(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None,
+                 paddings: Sequence[Sequence[int]], *, fallback: str = "") -> Tensor:
+    """``sum_t dwconv2d(x, weights[t], None, paddings[t]) + bias`` in ONE launch (x read once, y written once).
+
+    x (B, C, H, W); 1 to 3 weights (C, 1, KH_t, KW_t) whose F.pad-style paddings (left, right, top, bottom)
+    give the same output size; bias (C,) or None. This is the deploy form of a Shiftwise layer (horizontal
+    strip with the small kernel and the identity folded in, plus the vertical strip). Differentiable w.r.t.
+    x, every weight and bias; output in the layout of ``x``. ``fallback`` as in :func:`dwconv2d`.
+    """
+    x, bias, *weights = autocast_inputs(x, bias, *weights)
+    flat, _ = _check_sum_args(x, weights, bias, paddings)
+    return torch.ops.lkvision.triton_dwconv2d_sum(x, weights, bias, flat, fallback)

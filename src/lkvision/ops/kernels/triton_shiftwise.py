@@ -27,10 +27,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._common import SUPPORTED_DTYPES, autocast_inputs, is_channels_last
-from .triton_dwconv import _grad_input_terms, _use_kernels, dwconv2d_reference, dwconv_forward_terms
+from . import _common
+from ._common import (
+    SUPPORTED_DTYPES,
+    autocast_inputs,
+    is_channels_last,
+    run_guarded,
+    same_device_reason,
+)
+from .triton_dwconv import _grad_input_terms, _use_kernels, dwconv2d_reference, dwconv_forward_terms, launch_reason
 
-__all__ = ["shiftwise_strips", "shiftwise_strips_reference", "strip_paddings"]
+__all__ = ["shiftwise_strips", "shiftwise_strips_reference", "strip_paddings", "can_run"]
 
 
 def strip_paddings(k: int, strip_len: int, big_kernel: int) -> tuple[list[int], list[int], list[int]]:
@@ -91,56 +98,86 @@ def shiftwise_strips_reference(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bi
     return out
 
 
+def can_run(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None, big_kernel: int,
+            small_kernel: int = 3, *, separate: bool = True, needs_grad: bool = False) -> str | None:
+    """Why :func:`shiftwise_strips` cannot run its Triton kernels on this problem, or None when it can
+    (platform, devices, shapes, and the launch limits of the forward and, with ``needs_grad``, backward kernels;
+    see :func:`lkvision.ops.kernels.triton_dwconv.can_run`)."""
+    why = _common.platform_reason(x) or same_device_reason(x, kh, kv, ks, bias)
+    if why:
+        return why
+    try:
+        _check(x, kh, kv, ks, bias, big_kernel, small_kernel)
+        if separate and bias is not None:
+            raise ValueError("shiftwise_strips: bias is only used with separate=False (the deploy form)")
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return launch_reason(x.shape, x.stride(), [tuple(w.shape[-2:]) for w in (kh, kv, ks)], tuple(x.shape[-2:]),
+                         is_channels_last(x), x.dtype, x.device, needs_grad=needs_grad)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Custom ops
+# Custom ops (``fallback``: see triton_dwconv's custom ops and _common.run_guarded)
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("lkvision::triton_shiftwise", mutates_args=(),
-                         schema="(Tensor x, Tensor kh, Tensor kv, Tensor ks, int big_kernel) "
+                         schema="(Tensor x, Tensor kh, Tensor kv, Tensor ks, int big_kernel, str fallback) "
                                 "-> (Tensor, Tensor, Tensor)")
-def _shiftwise_op(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, big_kernel: int):
-    if not _use_kernels(x):
+def _shiftwise_op(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, big_kernel: int, fallback: str):
+    def reference():
         fmt = _layout(x)
         return tuple(t.contiguous(memory_format=fmt)
                      for t in shiftwise_strips_reference(x, kh, kv, ks, None, big_kernel, separate=True))
-    h, v, s = dwconv_forward_terms([x, x, x], [kh, kv, ks], _offsets(kh, big_kernel), tuple(x.shape[-2:]),
-                                   separate=True)
-    return h, v, s
+
+    if not _use_kernels(x):
+        return reference()
+    return run_guarded("lkvision::triton_shiftwise (forward)", fallback,
+                       lambda: tuple(dwconv_forward_terms([x, x, x], [kh, kv, ks], _offsets(kh, big_kernel),
+                                                          tuple(x.shape[-2:]), separate=True)),
+                       reference)
 
 
 @_shiftwise_op.register_fake
-def _(x, kh, kv, ks, big_kernel):
+def _(x, kh, kv, ks, big_kernel, fallback):
     return tuple(torch.empty_like(x, memory_format=_layout(x)) for _ in range(3))
 
 
 @torch.library.custom_op("lkvision::triton_shiftwise_fused", mutates_args=(),
-                         schema="(Tensor x, Tensor kh, Tensor kv, Tensor ks, Tensor? bias, int big_kernel) -> Tensor")
+                         schema="(Tensor x, Tensor kh, Tensor kv, Tensor ks, Tensor? bias, int big_kernel, "
+                                "str fallback) -> Tensor")
 def _shiftwise_fused_op(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None,
-                        big_kernel: int) -> Tensor:
-    if not _use_kernels(x):
+                        big_kernel: int, fallback: str) -> Tensor:
+    def reference() -> Tensor:
         out = shiftwise_strips_reference(x, kh, kv, ks, bias, big_kernel, separate=False)
         return out.contiguous(memory_format=_layout(x))
-    xs = x if x.is_contiguous(memory_format=_layout(x)) else x.contiguous(memory_format=_layout(x))
-    return dwconv_forward_terms([xs, xs, xs], [kh, kv, ks], _offsets(kh, big_kernel), tuple(x.shape[-2:]),
-                                identity=xs, bias=bias)[0]
+
+    def launch() -> Tensor:
+        xs = x if x.is_contiguous(memory_format=_layout(x)) else x.contiguous(memory_format=_layout(x))
+        return dwconv_forward_terms([xs, xs, xs], [kh, kv, ks], _offsets(kh, big_kernel), tuple(x.shape[-2:]),
+                                    identity=xs, bias=bias)[0]
+
+    if not _use_kernels(x):
+        return reference()
+    return run_guarded("lkvision::triton_shiftwise_fused (forward)", fallback, launch, reference)
 
 
 @_shiftwise_fused_op.register_fake
-def _(x, kh, kv, ks, bias, big_kernel):
+def _(x, kh, kv, ks, bias, big_kernel, fallback):
     return torch.empty_like(x, memory_format=_layout(x))
 
 
 @torch.library.custom_op("lkvision::triton_shiftwise_grad_input", mutates_args=(),
                          schema="(Tensor gh, Tensor gv, Tensor gs, Tensor kh, Tensor kv, Tensor ks, int big_kernel, "
-                                "bool add_identity, bool channels_last) -> Tensor")
+                                "bool add_identity, bool channels_last, str fallback) -> Tensor")
 def _shiftwise_grad_input_op(gh: Tensor, gv: Tensor, gs: Tensor, kh: Tensor, kv: Tensor, ks: Tensor,
-                             big_kernel: int, add_identity: bool, channels_last: bool) -> Tensor:
+                             big_kernel: int, add_identity: bool, channels_last: bool, fallback: str) -> Tensor:
     """dx = H^T gh + V^T gv + S^T gs (+ gh when add_identity; the deploy form passes gh = gv = gs = g)."""
     return _grad_input_terms([gh, gv, gs], [kh, kv, ks], strip_paddings(kh.shape[2], kh.shape[3], big_kernel),
-                             gh.shape[-2:], channels_last, add_identity)
+                             gh.shape[-2:], channels_last, add_identity,
+                             kernel="lkvision::triton_shiftwise_grad_input (backward)", fallback=fallback)
 
 
 @_shiftwise_grad_input_op.register_fake
-def _(gh, gv, gs, kh, kv, ks, big_kernel, add_identity, channels_last):
+def _(gh, gv, gs, kh, kv, ks, big_kernel, add_identity, channels_last, fallback):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty_like(gh, memory_format=fmt)
 
@@ -150,7 +187,7 @@ def _weight_grads(ctx, grads: Sequence[Tensor], x: Tensor, kh: Tensor, kv: Tenso
     out = []
     for n, (g, w, pad) in enumerate(zip(grads, (kh, kv, ks), pads)):
         if ctx.needs_input_grad[1 + n]:
-            gw = torch.ops.lkvision.triton_dwconv2d_grad_weight(g, x, list(w.shape[-2:]), pad)
+            gw = torch.ops.lkvision.triton_dwconv2d_grad_weight(g, x, list(w.shape[-2:]), pad, ctx.fallback)
             out.append(gw.to(w.dtype))
         else:
             out.append(None)
@@ -160,8 +197,8 @@ def _weight_grads(ctx, grads: Sequence[Tensor], x: Tensor, kh: Tensor, kv: Tenso
 def _setup(ctx, inputs, output):
     x, kh, kv, ks = inputs[:4]
     ctx.save_for_backward(x, kh, kv, ks)
-    ctx.big_kernel = inputs[-1]
-    ctx.has_bias = len(inputs) == 6 and inputs[4] is not None
+    ctx.big_kernel, ctx.fallback = inputs[-2], inputs[-1]
+    ctx.has_bias = len(inputs) == 7 and inputs[4] is not None
     ctx.bias_dtype = inputs[4].dtype if ctx.has_bias else None
 
 
@@ -171,9 +208,9 @@ def _shiftwise_backward(ctx, gh, gv, gs):
     gx = None
     if ctx.needs_input_grad[0]:
         gx = torch.ops.lkvision.triton_shiftwise_grad_input(gh, gv, gs, kh, kv, ks, ctx.big_kernel, False,
-                                                             is_channels_last(x))
+                                                             is_channels_last(x), ctx.fallback)
     gkh, gkv, gks = _weight_grads(ctx, (gh, gv, gs), x, kh, kv, ks)
-    return gx, gkh, gkv, gks, None
+    return gx, gkh, gkv, gks, None, None
 
 
 def _shiftwise_fused_backward(ctx, g):
@@ -181,12 +218,12 @@ def _shiftwise_fused_backward(ctx, g):
     gx = None
     if ctx.needs_input_grad[0]:
         gx = torch.ops.lkvision.triton_shiftwise_grad_input(g, g, g, kh, kv, ks, ctx.big_kernel, True,
-                                                             is_channels_last(x))
+                                                             is_channels_last(x), ctx.fallback)
     gkh, gkv, gks = _weight_grads(ctx, (g, g, g), x, kh, kv, ks)
     gb = None
     if ctx.has_bias and ctx.needs_input_grad[4]:
         gb = g.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
-    return gx, gkh, gkv, gks, gb, None
+    return gx, gkh, gkv, gks, gb, None, None
 
 
 _shiftwise_op.register_autograd(_shiftwise_backward, setup_context=_setup)
@@ -197,7 +234,7 @@ _shiftwise_fused_op.register_autograd(_shiftwise_fused_backward, setup_context=_
 # Public function
 # ----------------------------------------------------------------------------------------------------------
 def shiftwise_strips(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None, big_kernel: int,
-                     small_kernel: int = 3, separate: bool = True):
+                     small_kernel: int = 3, separate: bool = True, *, fallback: str = ""):
     """Folded SW layer on the rep channels, one fused kernel.
 
     x (B, R, H, W) (NCHW or channels_last); kh (R, 1, k, L), kv (R, 1, L, k), ks (R, 1, k, k) with
@@ -205,12 +242,14 @@ def shiftwise_strips(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor
 
     ``separate=True``: returns (H, V, S), each (B, R, H, W) (``bias`` must be None: the BNs follow).
     ``separate=False``: returns ``H + V + S + x + bias`` (B, R, H, W), the eval/deploy form.
-    Outputs keep the layout of ``x``; differentiable w.r.t. x, kh, kv, ks and bias.
+    Outputs keep the layout of ``x``; differentiable w.r.t. x, kh, kv, ks and bias. A kernel that fails raises
+    :class:`~._common.KernelError` unless ``fallback`` (an autoselect tag, set by
+    :func:`lkvision.ops.shiftwise_conv`'s ``impl="auto"``) asks for the PyTorch result and a warning.
     """
     x, kh, kv, ks, bias = autocast_inputs(x, kh, kv, ks, bias)
     _check(x, kh, kv, ks, bias, big_kernel, small_kernel)
     if separate:
         if bias is not None:
             raise ValueError("shiftwise_strips: bias is only used with separate=False (the deploy form)")
-        return torch.ops.lkvision.triton_shiftwise(x, kh, kv, ks, int(big_kernel))
-    return torch.ops.lkvision.triton_shiftwise_fused(x, kh, kv, ks, bias, int(big_kernel))
+        return torch.ops.lkvision.triton_shiftwise(x, kh, kv, ks, int(big_kernel), fallback)
+    return torch.ops.lkvision.triton_shiftwise_fused(x, kh, kv, ks, bias, int(big_kernel), fallback)
