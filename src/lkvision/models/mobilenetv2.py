@@ -73,7 +73,8 @@ class MobileNetV2(LargeKernelNet):
         last_stage_kernel: kernel of the stride-32 stage (Table 4); ``None`` = ``kernel_size``.
         small_kernel: parallel re-param kernel (3 in Table 3) for every depth-wise conv larger than it, or None.
         shortcut: identity shortcuts (Table 2 compares with and without).
-        width_mult, dropout: as in MobileNetV2.
+        width_mult: channel multiplier, as in MobileNetV2.
+        drop_rate: dropout before the classifier (0.2 in MobileNetV2).
         features_only / out_indices: stage outputs at strides 4/8/16/32.
 
     Shapes: (B, in_chans, H, W) -> (B, num_classes); H and W >= 32.
@@ -88,7 +89,7 @@ class MobileNetV2(LargeKernelNet):
         width_mult: float = 1.0,
         in_chans: int = 3,
         num_classes: int = 1000,
-        dropout: float = 0.2,
+        drop_rate: float = 0.2,
         settings: Sequence[tuple[int, int, int, int, int]] = _SETTINGS,
         last_channels: int = 1280,
         features_only: bool = False,
@@ -117,7 +118,7 @@ class MobileNetV2(LargeKernelNet):
             last = blocks[-1]
             chs = last.conv.out_channels if isinstance(last, ConvBNAct) else last.project.conv.out_channels
             self.feature_info.append(dict(num_chs=chs, reduction=4 * 2 ** i, module=f"stages.{i}"))
-        self.dropout = nn.Dropout(dropout)
+        self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
         self._init_features_mode(features_only, out_indices)
@@ -135,12 +136,20 @@ class MobileNetV2(LargeKernelNet):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, 1280, h, w) -> logits (B, num_classes) (pooled (B, 1280) with ``pre_logits``)."""
-        x = self.dropout(x.mean((2, 3)))
+        x = self.head_drop(x.mean((2, 3)))
         return x if pre_logits else self.head(x)
 
 
-# --------------------------------------------------------------------------------------------- configs
-CONFIGS: dict[str, dict] = {
+def _create_mobilenetv2(variant: str, pretrained: bool = False, **kwargs) -> MobileNetV2:
+    """Build the registered ``variant`` (its ``model_cfgs`` entry, overridden by ``kwargs``)."""
+    if pretrained:
+        raise ValueError(f"{variant} has no released weights: pass pretrained=<path to a .safetensors/.pth file> "
+                         "to lkvision.create_model")
+    return MobileNetV2(**{**model_cfgs[variant], **kwargs})
+
+
+# ------------------------------------------------------------------------------------- registered variants
+model_cfgs: dict[str, dict] = {
     # Table 2 (Guideline 2): shortcuts on / off, 3x3 vs 13x13 (no re-param)
     "mobilenetv2_100": dict(kernel_size=3),
     "mobilenetv2_noskip": dict(kernel_size=3, shortcut=False),
@@ -158,68 +167,64 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def _build(name: str, **kwargs) -> MobileNetV2:
-    return MobileNetV2(**{**CONFIGS[name], **kwargs})
-
-
 @register_model
-def mobilenetv2_100(**kwargs) -> MobileNetV2:
+def mobilenetv2_100(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """Standard MobileNetV2 1.0 (3x3 depth-wise, shortcuts; 3.5 M params)."""
-    return _build("mobilenetv2_100", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_100", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_noskip(**kwargs) -> MobileNetV2:
+def mobilenetv2_noskip(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 without identity shortcuts (Table 2)."""
-    return _build("mobilenetv2_noskip", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_noskip", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_k13(**kwargs) -> MobileNetV2:
+def mobilenetv2_k13(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 with every depth-wise 3x3 replaced by 13x13 (Table 2)."""
-    return _build("mobilenetv2_k13", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_k13", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_k13_noskip(**kwargs) -> MobileNetV2:
+def mobilenetv2_k13_noskip(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 with 13x13 depth-wise kernels and no shortcuts (Table 2)."""
-    return _build("mobilenetv2_k13_noskip", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_k13_noskip", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_k9(**kwargs) -> MobileNetV2:
+def mobilenetv2_k9(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 with 9x9 depth-wise kernels (Table 3)."""
-    return _build("mobilenetv2_k9", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_k9", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_k9_rep3(**kwargs) -> MobileNetV2:
+def mobilenetv2_k9_rep3(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 with 9x9 depth-wise kernels + parallel 3x3 re-param branches (Table 3)."""
-    return _build("mobilenetv2_k9_rep3", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_k9_rep3", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_k13_rep3(**kwargs) -> MobileNetV2:
+def mobilenetv2_k13_rep3(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 with 13x13 depth-wise kernels + parallel 3x3 re-param branches (Table 3)."""
-    return _build("mobilenetv2_k13_rep3", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_k13_rep3", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_last7_rep3(**kwargs) -> MobileNetV2:
+def mobilenetv2_last7_rep3(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 with 7x7 (+3x3 re-param) kernels in the stride-32 stage only (Table 4)."""
-    return _build("mobilenetv2_last7_rep3", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_last7_rep3", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_last13_rep3(**kwargs) -> MobileNetV2:
+def mobilenetv2_last13_rep3(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 with 13x13 (+3x3 re-param) kernels in the stride-32 stage only (Table 4)."""
-    return _build("mobilenetv2_last13_rep3", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_last13_rep3", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_nano_k13_rep3(**kwargs) -> MobileNetV2:
+def mobilenetv2_nano_k13_rep3(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """Tiny (width 0.25) MobileNetV2 with 13x13 + 3x3 re-param kernels, for tests."""
-    return _build("mobilenetv2_nano_k13_rep3", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_nano_k13_rep3", pretrained, **kwargs)
 
 
 TEST_MODELS: dict[str, dict] = {
