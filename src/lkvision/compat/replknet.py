@@ -151,3 +151,9 @@ def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> 
         raise CheckpointError(f"official RepLKNet checkpoint vs kwargs {official_kwargs}: {e}") from None
     model.load_state_dict(sd, strict=True)
     return model.eval()
+
+
+def convert_for_model(state_dict: Mapping[str, torch.Tensor], model: RepLKNet) -> dict[str, torch.Tensor]:
+    """The pretrained-weights filter (:func:`lkvision.compat.checkpoint_filter`): official keys -> ``model``'s
+    keys (the stage norms of an official backbone become ``feature_norms`` of a ``features_only`` model)."""
+    return convert_state_dict(state_dict, features_only=model.features_only)

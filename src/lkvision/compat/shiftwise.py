@@ -256,3 +256,13 @@ def to_official(model: ShiftWiseNet, merged: bool | None = None) -> dict[str, to
         raise ValueError("to_official(merged=True) needs a model with one branch: call merge_branches() first")
     sd = model.state_dict()
     return {name: sd[k] for name, k in _official_names(model, merged)}
+
+
+def convert_for_model(state_dict: Mapping[str, torch.Tensor], model: ShiftWiseNet) -> dict[str, torch.Tensor]:
+    """The pretrained-weights filter (:func:`lkvision.compat.checkpoint_filter`): official keys -> ``model``'s
+    keys, with the shift tables and channel split (not in official files) taken from ``model``."""
+    sd = convert_state_dict(state_dict)
+    for k, v in model.state_dict().items():
+        if k.endswith(TABLE_BUFFERS) and k not in sd:
+            sd[k] = v
+    return sd

@@ -113,3 +113,10 @@ def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> 
     check_state_dict(model, converted, strict=True)
     model.load_state_dict(converted, strict=True)
     return model.eval()
+
+
+def convert_for_model(state_dict: Mapping[str, torch.Tensor], model: SLaK) -> dict[str, torch.Tensor]:
+    """The pretrained-weights filter (:func:`lkvision.compat.checkpoint_filter`): official keys -> ``model``'s
+    keys."""
+    del model  # SLaK's key map does not depend on the configuration
+    return convert_state_dict(state_dict)

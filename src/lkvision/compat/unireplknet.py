@@ -31,7 +31,7 @@ import torch
 
 from ..layers.dilated import dilated_branches_for
 from ..models._weights import CheckpointError, check_state_dict
-from ..models.unireplknet import UNIREPLKNET_CONFIGS, UniRepLKNet
+from ..models.unireplknet import UniRepLKNet, model_cfgs
 
 __all__ = ["from_official", "convert_state_dict", "official_to_model_kwargs", "MODEL_KWARGS"]
 
@@ -39,7 +39,7 @@ __all__ = ["from_official", "convert_state_dict", "official_to_model_kwargs", "M
 #: (depths, dims; kernel sizes are the official per-depth defaults); the tiny test config has no official twin.
 MODEL_KWARGS: dict[str, dict] = {
     name: dict(depths=cfg["depths"], dims=cfg["dims"])
-    for name, cfg in UNIREPLKNET_CONFIGS.items() if "kernel_sizes" not in cfg
+    for name, cfg in model_cfgs.items() if "kernel_sizes" not in cfg
 }
 
 _OFFICIAL_KWARGS = {
@@ -139,3 +139,9 @@ def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> 
     check_state_dict(model, converted, strict=True)
     model.load_state_dict(converted, strict=True)
     return model.eval()
+
+
+def convert_for_model(state_dict: Mapping[str, torch.Tensor], model: UniRepLKNet) -> dict[str, torch.Tensor]:
+    """The pretrained-weights filter (:func:`lkvision.compat.checkpoint_filter`): official keys (classification,
+    deploy form, or a downstream backbone's ``norm0..3``) -> ``model``'s keys."""
+    return convert_state_dict(state_dict, model.kernel_sizes)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import autoselect
+from ._fx import fx_leaf
 from .kernels._common import autocast_inputs
 
 __all__ = ["dwconv2d", "normalize_padding", "dwconv2d_grad_input", "dwconv2d_grad_weight", "DWCONV_IMPLS"]
@@ -298,6 +299,7 @@ _register_flop_formulas()
 
 
 # ----------------------------------------------------------------------------------------------- public API
+@fx_leaf
 def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: PaddingArg = "same", *,
              impl: str = "auto") -> Tensor:
     """Depth-wise 2-D convolution (cross-correlation), stride 1, dilation 1, groups = C.
