@@ -9,7 +9,7 @@ Paths (``impl``):
   * ``"channels_last"``: ``F.conv2d`` on a channels_last copy (oneDNN / cuDNN NHWC kernels), PyTorch autograd.
   * ``"custom"``: ``F.conv2d`` forward with our own backward (see :func:`dwconv2d_grad_input` and
     :func:`dwconv2d_grad_weight`); PyTorch's CPU backward of large strip depth-wise convs is slow.
-  * ``"triton"``: ``lkvision.ops.kernels.triton_dwconv.dwconv2d`` when that optional module says it can run.
+  * ``"triton"``: ``lkvision.ops.kernels.triton_dwconv.triton_dwconv2d`` when that optional module says it can run.
   * ``"auto"``: CPU -> ``"custom"`` (measured once, see docs/ops.md); CUDA -> the fastest of ``"triton"`` (when
     available), ``"channels_last"`` and ``"torch"``, timed per problem (device, dtype, layout, shape, padding,
     training or not) on first use and cached by :mod:`lkvision.ops.autoselect` ("Measured dispatch on CUDA" in
@@ -127,7 +127,7 @@ def _forward_impl(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[in
     if impl == "triton":
         from lkvision.ops.kernels import triton_dwconv
 
-        return triton_dwconv.dwconv2d(x, weight, bias, pad4)
+        return triton_dwconv.triton_dwconv2d(x, weight, bias, pad4)
     if impl in ("channels_last", "custom"):
         # the NHWC kernels (oneDNN on CPU, cuDNN on CUDA) are by far the fastest for large strips
         return _conv_any_pad(_to_channels_last(x), weight, bias, pad4)

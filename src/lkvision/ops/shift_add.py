@@ -59,13 +59,15 @@ def _extra_pad(small_kernel: int) -> int:
     return (small_kernel - 1) - small_kernel // 2
 
 
-def strip_paddings(big_kernel: int, small_kernel: int = 3
+def strip_paddings(big_kernel: int, small_kernel: int = 3, strip_len: int | None = None
                    ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """F.pad-style (left, right, top, bottom) paddings of the horizontal (k x L) and vertical (L x k) strips.
 
-    The horizontal footprint is columns [x - mid, x - mid + L - 1] (M=49, k=3: -24..+26)."""
-    nk = num_blocks(big_kernel, small_kernel)
-    L, mid, h = small_kernel * nk, big_kernel // 2, small_kernel // 2
+    The one definition of the SW strip geometry (the ops, the Triton kernels, the layer's deploy form and the
+    kernel analysis use it): the horizontal footprint is columns [x - mid, x - mid + L - 1] (M=49, k=3:
+    -24..+26), L = ``strip_len`` (default k * ceil(M / k))."""
+    L = small_kernel * num_blocks(big_kernel, small_kernel) if strip_len is None else strip_len
+    mid, h = big_kernel // 2, small_kernel // 2
     return (mid, L - 1 - mid, h, h), (h, h, mid, L - 1 - mid)
 
 
@@ -431,7 +433,7 @@ def shiftwise_conv(x: Tensor, weight: Tensor, pad_hv: Tensor, idx_identit: Tenso
         return shiftwise_strips(x, kh, kv, ks, big_kernel, k)
 
     def fused(x_, kh_, kv_, ks_):
-        return mods[1].shiftwise_strips(x_, kh_, kv_, ks_, None, big_kernel, k, separate=True)
+        return mods[1].fused_strips(x_, kh_, kv_, ks_, None, big_kernel, k, separate=True)
 
     def strips(x_, kh_, kv_, ks_):
         return shiftwise_strips(x_, kh_, kv_, ks_, big_kernel, k)

@@ -5,7 +5,7 @@ when it is missing. ``is_available(x)`` tells the dispatcher (``lkvision.ops.dwc
 can run on a tensor: triton imports, ``x`` is a CUDA tensor (or a CPU tensor under ``TRITON_INTERPRET=1``,
 for tests) and its dtype is float32, float16 or bfloat16.
 
-Submodules (import lazily): ``triton_dwconv.dwconv2d`` and ``triton_shiftwise.shiftwise_strips``.
+Submodules (import lazily): ``triton_dwconv.triton_dwconv2d`` and ``triton_shiftwise.fused_strips``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Triton depth-wise convolution (stride 1, any KH x KW, asymmetric zero padding), forward and both backwards.
 
-Public entry point: :func:`dwconv2d` (differentiable through the torch.library custom op
+Public entry point: :func:`triton_dwconv2d` (differentiable through the torch.library custom op
 ``lkvision::triton_dwconv2d``). The generic kernels here are shared with :mod:`.triton_shiftwise`:
 
 * ``_dw_fwd_kernel``: up to three depth-wise terms (each with its own input, kernel and offsets) summed
@@ -32,7 +32,8 @@ from torch import Tensor
 
 from ._common import autocast_inputs, check_depthwise_args, device_supported, interpret_mode, is_channels_last, num_sms
 
-__all__ = ["dwconv2d", "dwconv2d_sum", "dwconv2d_reference", "dwconv_forward_terms", "dwconv_grad_weight", "HAS_TRITON"]
+__all__ = ["triton_dwconv2d", "dwconv2d_sum", "dwconv2d_reference", "dwconv_forward_terms", "dwconv_grad_weight",
+           "HAS_TRITON"]
 
 try:  # triton is optional: the module must import without it
     import triton
@@ -717,7 +718,7 @@ _dwconv2d_sum_op.register_autograd(_dwconv2d_sum_backward, setup_context=_dwconv
 # ----------------------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------------------
-def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: Sequence[int]) -> Tensor:
+def triton_dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: Sequence[int]) -> Tensor:
     """Depth-wise conv, stride 1: x (B, C, H, W) (NCHW, channels_last or strided), weight (C, 1, KH, KW),
     bias (C,) or None, ``padding`` = F.pad-style (left, right, top, bottom).
 
@@ -739,7 +740,7 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: Sequence[i
 
 def dwconv2d_sum(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None,
                  paddings: Sequence[Sequence[int]]) -> Tensor:
-    """``sum_t dwconv2d(x, weights[t], None, paddings[t]) + bias`` in ONE launch (x read once, y written once).
+    """``sum_t triton_dwconv2d(x, weights[t], None, paddings[t]) + bias`` in ONE launch (x read once, y written once).
 
     x (B, C, H, W); 1 to 3 weights (C, 1, KH_t, KW_t) whose F.pad-style paddings (left, right, top, bottom)
     give the same output size; bias (C,) or None. This is the deploy form of a Shiftwise layer (horizontal
