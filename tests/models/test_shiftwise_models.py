@@ -12,7 +12,7 @@ import lkvision
 from conftest import randomize_bn_and_scales
 from lkvision.layers import LayerNorm2d, ShiftWiseConv2d
 from lkvision.layers.shiftwise import ghost_split
-from lkvision.models.shiftwise import model_cfgs, TEST_MODELS, ShiftWiseBlock, ShiftWiseNet
+from lkvision.models.shiftwise import TEST_MODELS, ShiftWiseBlock, ShiftWiseNet, model_cfgs
 from lkvision.utils import count_macs, count_params
 
 

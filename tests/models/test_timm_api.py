@@ -71,6 +71,11 @@ def test_standard_kwargs_heads_and_pooling():
         lkvision.create_model("sw_femto", not_an_arg=1)
     m = lkvision.create_model("mobilenetv2_nano_k13_rep3", num_classes=4, global_pool="").eval()
     assert m(x).shape == (2, 4, 2, 2)  # classifier at every position
+    r = lkvision.create_model("resnet18", global_pool="max", drop_rate=0.5, num_classes=3).eval()  # wrapped timm
+    assert r.head_drop.p == 0.5
+    with torch.no_grad():
+        f = r.forward_features(x)
+        torch.testing.assert_close(r(x), r.head(f.amax((2, 3))))
 
 
 def test_reset_classifier_keeps_device_dtype_and_mode():
