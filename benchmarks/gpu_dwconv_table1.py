@@ -67,7 +67,7 @@ TIMING_KEYS = ("median_ms", "min_ms", "max_ms", "runs", "first_ms")
 def _conv_fn(path: str, kh: int, kw: int):
     pad = (kw // 2, kw // 2, kh // 2, kh // 2)
     if path.startswith("triton"):
-        from lkvision.ops.kernels.triton_dwconv import dwconv2d
+        from lkvision.ops.kernels.triton_dwconv import triton_dwconv2d as dwconv2d
 
         return lambda x, w: dwconv2d(x, w, None, pad)
     return lambda x, w: F.conv2d(x, w, None, padding=(kh // 2, kw // 2), groups=x.shape[1])

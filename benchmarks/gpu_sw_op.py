@@ -108,12 +108,12 @@ def _deploy_kernels(m: int, kh, ks):
 
 
 def _path_fn(path: str, m: int, weight, tables, kh, kv, ks, bias):
-    from lkvision.ops.kernels.triton_shiftwise import shiftwise_strips, shiftwise_strips_reference
+    from lkvision.ops.kernels.triton_shiftwise import fused_strips, fused_strips_reference
 
     if path == "fused":
-        return lambda x: shiftwise_strips(x, kh, kv, ks, None, m, K, separate=True)
+        return lambda x: fused_strips(x, kh, kv, ks, None, m, K, separate=True)
     if path == "fused_deploy":
-        return lambda x: shiftwise_strips(x, kh, kv, ks, bias, m, K, separate=False)
+        return lambda x: fused_strips(x, kh, kv, ks, bias, m, K, separate=False)
     if path in ("deploy_sum", "torch_deploy_cl"):  # what a deployed ShiftWiseConv2d runs
         from lkvision.ops import shiftwise_deploy_conv
 
@@ -122,7 +122,7 @@ def _path_fn(path: str, m: int, weight, tables, kh, kv, ks, bias):
         impl = "triton" if path == "deploy_sum" else "channels_last"
         return lambda x: shiftwise_deploy_conv(x, wh, bias, kv, None, pad_h, pad_v, impl=impl)
     if path in ("torch_strips", "torch_strips_cl"):
-        return lambda x: shiftwise_strips_reference(x, kh, kv, ks, None, m, separate=True)
+        return lambda x: fused_strips_reference(x, kh, kv, ks, None, m, separate=True)
     if path == "reference":
         if tables is None:
             raise RuntimeError("reference path needs lkvision.ops.shift_add")
@@ -146,10 +146,10 @@ def run_one(path: str, stage: int, mode: str, dtype: str, args, copy_gbs: float)
     with torch.no_grad():
         outs = _as_list(fn(x[:2]))
     # correctness vs the fp64 folded-strip definition on two images
-    from lkvision.ops.kernels.triton_shiftwise import shiftwise_strips_reference
+    from lkvision.ops.kernels.triton_shiftwise import fused_strips_reference
 
     sep = path not in DEPLOY_PATHS
-    ref = shiftwise_strips_reference(x[:2].double(), kh.double(), kv.double(), ks.double(),
+    ref = fused_strips_reference(x[:2].double(), kh.double(), kv.double(), ks.double(),
                                      None if sep else bias.double(), m, separate=sep)
     refs = _as_list(ref)
     if len(outs) != len(refs):

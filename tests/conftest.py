@@ -25,14 +25,11 @@ def _seed_everything():
 
 def family_test_models() -> list[tuple[str, dict]]:
     """(name, kwargs) of every family's tiny CPU test configuration (module-level TEST_MODELS)."""
-    from lkvision.models._registry import _FAMILY_MODULES
+    from lkvision.models import families
 
     out = []
-    for fam in _FAMILY_MODULES:
-        try:
-            mod = importlib.import_module(f"lkvision.models.{fam}")
-        except ModuleNotFoundError:
-            continue
+    for fam in families():
+        mod = importlib.import_module(f"lkvision.models.{fam}")
         for name, kw in getattr(mod, "TEST_MODELS", {}).items():
             out.append((name, dict(kw)))
     return out

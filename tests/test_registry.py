@@ -23,8 +23,11 @@ def test_unknown_model_error_names_it():
 
 
 def test_pretrained_true_without_path_is_a_clear_error():
-    with pytest.raises(ValueError, match="no hosted weights"):
+    with pytest.raises(ValueError, match="no downloadable weights for sw_nano.*pretrained=<path"):
         lkvision.create_model("sw_nano", pretrained=True)
+    # weights hosted elsewhere: the error says where (the cfg's notes) and how to pass the file
+    with pytest.raises(ValueError, match=r"replknet_31b\.in1k.*Google Drive.*pretrained_cfg_overlay=dict\(file="):
+        lkvision.create_model("replknet_31b", pretrained=True, device="meta")
 
 
 def test_corrupt_and_missing_checkpoint_errors(tmp_path):

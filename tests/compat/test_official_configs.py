@@ -180,7 +180,7 @@ def test_slak_downstream_backbone_checkpoint():
     mmseg.update({"decode_head.conv_seg.weight": torch.zeros(4, 8, 1, 1), "auxiliary_head.bias": torch.zeros(4)})
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
-        stages = source.forward_stages(x)
+        stages = source.forward_intermediates(x, intermediates_only=True)
         for out_indices, ckpt in (([0, 1, 2, 3], backbone), ([1, 3], mmseg)):
             model = from_official("slak", ckpt, **kw, out_indices=out_indices)
             assert model.features_only and model.out_indices == tuple(out_indices)
@@ -265,7 +265,7 @@ def test_replknet_without_small_kernel_and_with_other_stage_counts():
            "channels": kwargs["channels"][:3], "num_classes": 10}
     model3 = from_official("replknet", three, **kw3)
     with torch.no_grad():
-        outs = model3.forward_stages(golden["__input__"])
+        outs = model3.forward_intermediates(golden["__input__"], intermediates_only=True)
     assert len(outs) == 3
     for i, out in enumerate(outs):
         last = 2 * kwargs["layers"][i] - 1
@@ -435,11 +435,13 @@ def test_shiftwise_downstream_backbone_and_unknown_arguments():
     mmdet = {"module.backbone." + k: v for k, v in sd.items()} | {"module.neck.lateral.weight": torch.zeros(3)}
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
-        stages = source.forward_stages(x)
+        stages = source.forward_intermediates(x, intermediates_only=True)
         model = from_official("sw", mmdet, **kw, out_indices=[0, 2], init_cfg=None).eval()
         assert model.features_only and model.out_indices == (0, 2)
         assert _max_diff(model(x), [_layer_norm_cf(stages[i], sd, f"norm{i}.") for i in (0, 2)]) <= TOL
-        assert to_official(model).keys() == {k for k in sd if not re.match(r"norm[13]\.", k)}
+        # the stages after the last output are removed (timm's features_only semantics), and so are their keys
+        removed = r"norm[13]\.|(stages|downsample_layers)\.3\."
+        assert to_official(model).keys() == {k for k in sd if not re.match(removed, k)}
     with warnings.catch_warnings(record=True) as caught:  # the official constructor swallows **kwargs
         warnings.simplefilter("always")
         from_official("sw", to_official(source), **kw, use_checkpoint=True)

@@ -110,7 +110,7 @@ def test_backbone_form_and_key_map(golden):
 def test_model_kwargs_table_matches_registry():
     for name, kw in MODEL_KWARGS.items():
         ours = model_kwargs_from_official(**kw)
-        from lkvision.models.replknet import CONFIGS
+        from lkvision.models.replknet import model_cfgs as CONFIGS
 
         cfg = CONFIGS[name]
         assert tuple(cfg["large_kernel_sizes"]) == ours["large_kernel_sizes"]

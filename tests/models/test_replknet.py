@@ -68,7 +68,9 @@ def test_features_only_norms_and_strides():
     assert [IMG // f.shape[-1] for f in feats] == [4, 8, 16, 32]
     plain = lkvision.create_model("replknet_nano", features_only=True, out_indices=(2,))
     assert isinstance(plain.feature_norms["2"], nn.Identity)
-    assert not hasattr(plain, "head")
+    # no classifier and no stage after the last output (no unused parameters under DDP)
+    assert not [k for k in plain.state_dict() if k.startswith(("head.", "stages.3.", "transitions.2."))]
+    assert [f.shape[1] for f in plain(torch.randn(1, 3, IMG, IMG))] == [64]
 
 
 def test_length_mismatch_is_a_clear_error():

@@ -12,7 +12,7 @@ import lkvision
 from conftest import randomize_bn_and_scales
 from lkvision.layers import LayerNorm2d, ShiftWiseConv2d
 from lkvision.layers.shiftwise import ghost_split
-from lkvision.models.shiftwise import SW_CONFIGS, TEST_MODELS, ShiftWiseBlock, ShiftWiseNet
+from lkvision.models.shiftwise import TEST_MODELS, ShiftWiseBlock, ShiftWiseNet, model_cfgs
 from lkvision.utils import count_macs, count_params
 
 
@@ -24,13 +24,13 @@ def test_registered_variants():
 
 
 def test_sw_tiny_stage_geometry_matches_paper():
-    cfg = SW_CONFIGS["sw_tiny"]
+    cfg = model_cfgs["sw_tiny"]
     got = []
     for c, m in zip(cfg["dims"], cfg["big_kernels"]):
         rep, ghost = ghost_split(c, cfg["ghost_ratio"])
         got.append((len(rep), len(ghost), math.ceil(m / 3)))
     assert got == [(60, 20, 17), (122, 38, 17), (246, 74, 16), (492, 148, 5)]
-    small = [len(ghost_split(c, 0.23)[0]) for c in SW_CONFIGS["sw_small"]["dims"]]
+    small = [len(ghost_split(c, 0.23)[0]) for c in model_cfgs["sw_small"]["dims"]]
     assert small == [72, 146, 294, 590]
 
 

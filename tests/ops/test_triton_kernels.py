@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from lkvision.ops.kernels import is_available, triton_dwconv
-from lkvision.ops.kernels.triton_dwconv import dwconv2d, dwconv2d_reference, dwconv2d_sum
-from lkvision.ops.kernels.triton_shiftwise import shiftwise_strips, shiftwise_strips_reference
+from lkvision.ops.kernels.triton_dwconv import dwconv2d_reference, dwconv2d_sum, triton_dwconv2d
+from lkvision.ops.kernels.triton_shiftwise import fused_strips, fused_strips_reference
 
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
@@ -62,7 +62,7 @@ def dw_case(shape, kernel, padding, *, dtype=torch.float32, layout="nchw", bias=
     x = _layout(x64.to(dtype), layout).to(device).requires_grad_()
     wt = w64.to(dtype).to(device).requires_grad_()
     bt = b64.to(dtype).to(device).requires_grad_() if bias else None
-    y = dwconv2d(x, wt, bt, padding)
+    y = triton_dwconv2d(x, wt, bt, padding)
     gy64 = torch.randn(y.shape, generator=g, dtype=torch.float64)
     y.backward(gy64.to(dtype).to(device))
 
@@ -82,7 +82,7 @@ def dw_case(shape, kernel, padding, *, dtype=torch.float32, layout="nchw", bias=
 
 def sw_case(shape, big_kernel, *, k=3, separate=True, dtype=torch.float32, layout="nchw", device="cpu",
             seed=0) -> dict:
-    """Errors of shiftwise_strips (forward and all gradients) against three float64 F.conv2d calls."""
+    """Errors of fused_strips (forward and all gradients) against three float64 F.conv2d calls."""
     g = torch.Generator().manual_seed(seed)
     b, r, h, w = shape
     strip_len = k * -(-big_kernel // k)
@@ -94,7 +94,7 @@ def sw_case(shape, big_kernel, *, k=3, separate=True, dtype=torch.float32, layou
     x = _layout(x64.to(dtype), layout).to(device).requires_grad_()
     params = [t.to(dtype).to(device).requires_grad_() for t in (kh64, kv64, ks64)]
     bias = bias64.to(dtype).to(device).requires_grad_() if bias64 is not None else None
-    out = shiftwise_strips(x, *params, bias, big_kernel, small_kernel=k, separate=separate)
+    out = fused_strips(x, *params, bias, big_kernel, small_kernel=k, separate=separate)
     outs = list(out) if separate else [out]
     grads64 = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
     torch.autograd.backward(outs, [gg.to(dtype).to(device) for gg in grads64])
@@ -102,7 +102,7 @@ def sw_case(shape, big_kernel, *, k=3, separate=True, dtype=torch.float32, layou
     xr = x.detach().double().cpu().requires_grad_()
     pr = [p.detach().double().cpu().requires_grad_() for p in params]
     br = bias.detach().double().cpu().requires_grad_() if bias is not None else None
-    ref = shiftwise_strips_reference(xr, *pr, br, big_kernel, separate=separate)
+    ref = fused_strips_reference(xr, *pr, br, big_kernel, separate=separate)
     refs = list(ref) if separate else [ref]
     torch.autograd.backward(refs, grads64)
     errs = {f"out{i}": _rel(o, r_) for i, (o, r_) in enumerate(zip(outs, refs))}
@@ -442,28 +442,28 @@ def test_fallback_matches_reference(monkeypatch, name):
 def test_dwconv_errors():
     x = torch.randn(1, 4, 8, 8)
     with pytest.raises(ValueError, match=r"expected weight of shape \(4, 1, KH, KW\)"):
-        dwconv2d(x, torch.randn(3, 1, 3, 3), None, (1, 1, 1, 1))
+        triton_dwconv2d(x, torch.randn(3, 1, 3, 3), None, (1, 1, 1, 1))
     with pytest.raises(ValueError, match="padding must be"):
-        dwconv2d(x, torch.randn(4, 1, 3, 3), None, (1, 1))
+        triton_dwconv2d(x, torch.randn(4, 1, 3, 3), None, (1, 1))
     with pytest.raises(ValueError, match="empty output"):
-        dwconv2d(x, torch.randn(4, 1, 11, 3), None, (1, 1, 1, 1))
+        triton_dwconv2d(x, torch.randn(4, 1, 11, 3), None, (1, 1, 1, 1))
     with pytest.raises(ValueError, match=r"bias of shape \(4,\)"):
-        dwconv2d(x, torch.randn(4, 1, 3, 3), torch.randn(3), (1, 1, 1, 1))
+        triton_dwconv2d(x, torch.randn(4, 1, 3, 3), torch.randn(3), (1, 1, 1, 1))
     with pytest.raises(TypeError, match="unsupported dtype"):
-        dwconv2d(x.double(), torch.randn(4, 1, 3, 3).double(), None, (1, 1, 1, 1))
+        triton_dwconv2d(x.double(), torch.randn(4, 1, 3, 3).double(), None, (1, 1, 1, 1))
 
 
 def test_shiftwise_errors():
     x = torch.randn(1, 2, 6, 6)
     kh, kv, ks = torch.randn(2, 1, 3, 9), torch.randn(2, 1, 9, 3), torch.randn(2, 1, 3, 3)
     with pytest.raises(ValueError, match=r"kv must have shape \(2, 1, 9, 3\)"):
-        shiftwise_strips(x, kh, kh, ks, None, 9)
+        fused_strips(x, kh, kh, ks, None, 9)
     with pytest.raises(ValueError, match="mid=9 < L=9"):
-        shiftwise_strips(x, kh, kv, ks, None, 19)
+        fused_strips(x, kh, kv, ks, None, 19)
     with pytest.raises(ValueError, match="small_kernel must be odd"):
-        shiftwise_strips(x, kh, kv, ks, None, 9, small_kernel=2)
+        fused_strips(x, kh, kv, ks, None, 9, small_kernel=2)
     with pytest.raises(ValueError, match="bias is only used with separate=False"):
-        shiftwise_strips(x, kh, kv, ks, torch.zeros(2), 9, separate=True)
+        fused_strips(x, kh, kv, ks, torch.zeros(2), 9, separate=True)
 
 
 def test_opcheck_fake_and_autograd_registrations():
@@ -512,7 +512,7 @@ def test_torch_export_sees_custom_op():
             self.w = torch.nn.Parameter(torch.randn(4, 1, 5, 5))
 
         def forward(self, x):
-            return dwconv2d(x, self.w, None, (2, 2, 2, 2))
+            return triton_dwconv2d(x, self.w, None, (2, 2, 2, 2))
 
     ep = torch.export.export(M(), (torch.randn(1, 4, 8, 8),))
     assert "lkvision.triton_dwconv2d" in str(ep.graph)
@@ -679,7 +679,7 @@ def test_gpu_is_available_and_compile():
     w = torch.randn(32, 1, 13, 13, device="cuda")
 
     def f(t):
-        return dwconv2d(t, w, None, (6, 6, 6, 6)).relu()
+        return triton_dwconv2d(t, w, None, (6, 6, 6, 6)).relu()
 
     ref = f(x)
     out, ran = _kernels_ran(torch.compile(f, fullgraph=True), x)

@@ -35,7 +35,7 @@ import torch
 
 from ..models._weights import CheckpointError, check_state_dict
 from ..models.replknet import RepLKNet
-from ._common import reparameterize_to_match, unwrap_state_dict
+from ._common import drop_pruned, reparameterize_to_match, unwrap_state_dict
 
 __all__ = ["from_official", "convert_state_dict", "model_kwargs_from_official", "MODEL_KWARGS"]
 
@@ -139,7 +139,7 @@ def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> 
     model = RepLKNet(**kw)
     #: constructor arguments (JSON-able), recorded by `lkvision convert` to rebuild the model
     model.config = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
-    sd = convert_state_dict(state_dict, features_only=model.features_only)
+    sd = drop_pruned(convert_state_dict(state_dict, features_only=model.features_only), model)
     if model.features_only:  # the official backbone keeps its (unused) classifier norm and every stage norm
         keep = {f"feature_norms.{i}." for i in model.out_indices}
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")
@@ -151,3 +151,9 @@ def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> 
         raise CheckpointError(f"official RepLKNet checkpoint vs kwargs {official_kwargs}: {e}") from None
     model.load_state_dict(sd, strict=True)
     return model.eval()
+
+
+def convert_for_model(state_dict: Mapping[str, torch.Tensor], model: RepLKNet) -> dict[str, torch.Tensor]:
+    """The pretrained-weights filter (:func:`lkvision.compat.checkpoint_filter`): official keys -> ``model``'s
+    keys (the stage norms of an official backbone become ``feature_norms`` of a ``features_only`` model)."""
+    return convert_state_dict(state_dict, features_only=model.features_only)

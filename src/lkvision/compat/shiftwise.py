@@ -45,7 +45,7 @@ import torch
 
 from ..models._weights import CheckpointError, classifier_size_hint
 from ..models.shiftwise import ShiftWiseNet
-from ._common import feature_norm_indices, keep_feature_norms, unwrap_state_dict
+from ._common import drop_pruned, feature_norm_indices, keep_feature_norms, unwrap_state_dict
 
 __all__ = ["from_official", "to_official", "official_to_lkvision_kwargs", "convert_state_dict", "MODEL_KWARGS",
            "OFFICIAL_DEFAULTS", "TABLE_BUFFERS"]
@@ -223,9 +223,9 @@ def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> 
         n = len({m[1] for k in state_dict if (m := re.search(r"large_kernel\.LoRAs\.(\d+)\.weight$", k))})
         if n and n != kw["num_branches"]:
             raise CheckpointError(f"the checkpoint has {n} Rep branches (LoRAs.*) but N_path={kw['num_branches']}")
-    sd = convert_state_dict(state_dict)
     official_name = {_map_key(k): k for k in state_dict}
     model = ShiftWiseNet(**kw)
+    sd = drop_pruned(convert_state_dict(state_dict), model)
     own = model.state_dict()
     expected = {k for k in own if not k.endswith(TABLE_BUFFERS)}
     missing = sorted(expected - set(sd))
@@ -282,3 +282,13 @@ def to_official(model: ShiftWiseNet, merged: bool | None = None) -> dict[str, to
         raise ValueError("to_official(merged=True) needs a model with one branch: call merge_branches() first")
     sd = model.state_dict()
     return {name: sd[k] for name, k in _official_names(model, merged)}
+
+
+def convert_for_model(state_dict: Mapping[str, torch.Tensor], model: ShiftWiseNet) -> dict[str, torch.Tensor]:
+    """The pretrained-weights filter (:func:`lkvision.compat.checkpoint_filter`): official keys -> ``model``'s
+    keys, with the shift tables and channel split (not in official files) taken from ``model``."""
+    sd = convert_state_dict(state_dict)
+    for k, v in model.state_dict().items():
+        if k.endswith(TABLE_BUFFERS) and k not in sd:
+            sd[k] = v
+    return sd

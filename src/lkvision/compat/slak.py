@@ -40,7 +40,13 @@ import torch
 
 from ..models._weights import CheckpointError, check_state_dict
 from ..models.slak import SLaK, slak_dims
-from ._common import feature_norm_indices, keep_feature_norms, reparameterize_to_match, unwrap_state_dict
+from ._common import (
+    drop_pruned,
+    feature_norm_indices,
+    keep_feature_norms,
+    reparameterize_to_match,
+    unwrap_state_dict,
+)
 
 __all__ = ["from_official", "convert_state_dict", "official_to_model_kwargs", "MODEL_KWARGS"]
 
@@ -152,8 +158,15 @@ def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> 
     model = SLaK(**kw)
     if model.features_only:
         sd = keep_feature_norms(sd, model.out_indices)
-    converted = convert_state_dict(sd)
+    converted = drop_pruned(convert_state_dict(sd), model)
     reparameterize_to_match(model, converted)  # the official deploy form (lkb_reparam)
     check_state_dict(model, converted, strict=True)
     model.load_state_dict(converted, strict=True)
     return model.eval()
+
+
+def convert_for_model(state_dict: Mapping[str, torch.Tensor], model: SLaK) -> dict[str, torch.Tensor]:
+    """The pretrained-weights filter (:func:`lkvision.compat.checkpoint_filter`): official keys -> ``model``'s
+    keys."""
+    del model  # SLaK's key map does not depend on the configuration
+    return convert_state_dict(state_dict)

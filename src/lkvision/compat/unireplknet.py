@@ -35,8 +35,8 @@ import torch
 
 from ..layers.dilated import dilated_branches_for
 from ..models._weights import CheckpointError, check_state_dict
-from ..models.unireplknet import UNIREPLKNET_CONFIGS, UniRepLKNet
-from ._common import unwrap_state_dict
+from ..models.unireplknet import UniRepLKNet, model_cfgs
+from ._common import drop_pruned, unwrap_state_dict
 
 __all__ = ["from_official", "convert_state_dict", "official_to_model_kwargs", "MODEL_KWARGS", "OFFICIAL_VARIANTS"]
 
@@ -44,17 +44,13 @@ __all__ = ["from_official", "convert_state_dict", "official_to_model_kwargs", "M
 #: (depths, dims; kernel sizes are the official per-depth defaults); the tiny test config has no official twin.
 MODEL_KWARGS: dict[str, dict] = {
     name: dict(depths=cfg["depths"], dims=cfg["dims"])
-    for name, cfg in UNIREPLKNET_CONFIGS.items() if "kernel_sizes" not in cfg
+    for name, cfg in model_cfgs.items() if "kernel_sizes" not in cfg
 }
 
 #: the official variants (``unireplknet_a`` .. ``unireplknet_xl`` in the official ``unireplknet.py``), as official
-#: constructor kwargs; kernel sizes are the official per-depth defaults. IN-22k pretraining checkpoints add
-#: ``num_classes=21841``.
-OFFICIAL_VARIANTS: dict[str, dict] = {
-    **MODEL_KWARGS,  # A, F, P, N, T, S, B (registered lkvision models)
-    "unireplknet_l": dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)),
-    "unireplknet_xl": dict(depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048)),
-}
+#: constructor kwargs; every one is a registered lkvision model, so this is :data:`MODEL_KWARGS`. IN-22k
+#: pretraining checkpoints add ``num_classes=21841``.
+OFFICIAL_VARIANTS: dict[str, dict] = MODEL_KWARGS
 
 _OFFICIAL_KWARGS = {
     "in_chans", "num_classes", "depths", "dims", "drop_path_rate", "layer_scale_init_value",
@@ -149,7 +145,13 @@ def from_official(state_dict: Mapping[str, torch.Tensor], **official_kwargs) -> 
     sd = unwrap_state_dict(state_dict)
     kw = official_to_model_kwargs(sd, **official_kwargs)
     model = UniRepLKNet(**kw)
-    converted = convert_state_dict(sd, model.kernel_sizes)
+    converted = drop_pruned(convert_state_dict(sd, model.kernel_sizes), model)
     check_state_dict(model, converted, strict=True)
     model.load_state_dict(converted, strict=True)
     return model.eval()
+
+
+def convert_for_model(state_dict: Mapping[str, torch.Tensor], model: UniRepLKNet) -> dict[str, torch.Tensor]:
+    """The pretrained-weights filter (:func:`lkvision.compat.checkpoint_filter`): official keys (classification,
+    deploy form, or a downstream backbone's ``norm0..3``) -> ``model``'s keys."""
+    return convert_state_dict(state_dict, model.kernel_sizes)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops._fx import fx_leaf
+
 __all__ = ["DropPath", "drop_path", "LayerScale2d"]
 
 
+@fx_leaf
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
     """Per-sample stochastic depth: zero whole samples with probability ``drop_prob``, scale survivors."""
     if drop_prob == 0.0 or not training:

@@ -6,7 +6,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerNorm2d", "GRN"]
+from ..ops._fx import fx_leaf
+
+__all__ = ["LayerNorm2d", "GRN", "layer_norm_2d"]
+
+
+@fx_leaf
+def layer_norm_2d(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  eps: float) -> torch.Tensor:
+    """LayerNorm over the channels of (B, C, H, W) ``x``; ``weight``/``bias`` (C,) or None."""
+    if x.is_contiguous(memory_format=torch.channels_last):
+        # (B, C, H, W) stored as NHWC: normalise the contiguous last dim without copies.
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps)
+        return y.permute(0, 3, 1, 2)
+    u = x.mean(1, keepdim=True)
+    s = (x - u).pow(2).mean(1, keepdim=True)
+    x = (x - u) * torch.rsqrt(s + eps)
+    if weight is not None:
+        x = weight[:, None, None] * x + bias[:, None, None]
+    return x
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -21,16 +39,7 @@ class LayerNorm2d(nn.LayerNorm):
         super().__init__(num_channels, eps=eps, elementwise_affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_contiguous(memory_format=torch.channels_last):
-            # (B, C, H, W) stored as NHWC: normalise the contiguous last dim without copies.
-            y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-            return y.permute(0, 3, 1, 2)
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) * torch.rsqrt(s + self.eps)
-        if self.weight is not None:
-            x = self.weight[:, None, None] * x + self.bias[:, None, None]
-        return x
+        return layer_norm_2d(x, self.weight, self.bias, self.eps)
 
 
 class GRN(nn.Module):

@@ -8,6 +8,9 @@ Stem: Conv4x4 s4 + LN; downsampling: LN + Conv2x2 s2; head: global mean -> Layer
 
 Deploy form (exact in eval mode): the large+small depth-wise branches merge into one biased conv, and the
 layer scale ``gamma`` folds into the second Linear.
+
+File order (timm's): block -> model -> ``_create_convnext`` -> ``default_cfgs`` -> ``model_cfgs`` and the
+registered variants (no checkpoint filter: no official checkpoint of these layouts is converted).
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from torch import nn
 
 from ..layers import DropPath
 from ..layers.reparam_conv import DepthwiseConv2d, ReparamLargeKernelConv
-from ._base import ConvNeXtMacroNet
+from ._base import ConvNeXtMacroNet, drop_path_rates, factory_device
+from ._pretrained import build_model_with_cfg, pretrained_cfg
 from ._registry import register_model
 
-__all__ = ["ConvNeXt", "ConvNeXtBlock", "TEST_MODELS"]
+__all__ = ["ConvNeXt", "ConvNeXtBlock", "model_cfgs", "default_cfgs", "TEST_MODELS"]
 
 
 class ConvNeXtBlock(nn.Module):
@@ -72,8 +76,12 @@ class ConvNeXt(ConvNeXtMacroNet):
         kernel_sizes: depth-wise kernel size per stage (7-7-7-7 in ConvNeXt, 31-29-27-13 in RepLKNet Table 11).
         small_kernel: parallel re-param kernel size (5 in Table 11) or ``None``; stages whose kernel is not
             larger than ``small_kernel`` get no small branch.
+        in_chans, num_classes: input channels, classes (0: no classifier).
+        global_pool: ``"avg"``, ``"max"``, ``"avgmax"`` or ``""`` (unpooled maps). drop_rate: dropout before
+            the classifier.
         drop_path_rate, layer_scale_init_value, head_init_scale: as in ConvNeXt.
         features_only / out_indices: stage outputs (strides 4/8/16/32) through a LayerNorm each.
+        output_stride: 32 only. device, dtype: where and in which dtype the parameters are created.
 
     Shapes: (B, in_chans, H, W) -> (B, num_classes); H and W >= 32.
     """
@@ -86,36 +94,61 @@ class ConvNeXt(ConvNeXtMacroNet):
         small_kernel: int | None = None,
         in_chans: int = 3,
         num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         layer_scale_init_value: float = 1e-6,
         head_init_scale: float = 1.0,
         features_only: bool = False,
-        out_indices: Sequence[int] | None = None,
+        out_indices: int | Sequence[int] | None = None,
         sync_bn: bool = False,
+        output_stride: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(in_chans=in_chans, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate,
+                         output_stride=output_stride)
         if not len(depths) == len(dims) == len(kernel_sizes):
             raise ValueError(f"depths {tuple(depths)}, dims {tuple(dims)} and kernel_sizes {tuple(kernel_sizes)} "
                              "must have the same length")
-        self.in_chans, self.num_classes, self.num_features = in_chans, num_classes, dims[-1]
-        self._build_stem(in_chans, dims, "patchify")
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-        self.stages = nn.ModuleList()
-        k = 0
-        for d, c, ks in zip(depths, dims, kernel_sizes):
-            sk = small_kernel if small_kernel is not None and ks > small_kernel else None
-            self.stages.append(nn.Sequential(*[
-                ConvNeXtBlock(c, ks, sk, drop_path=dpr[k + j], layer_scale_init_value=layer_scale_init_value,
-                              sync_bn=sync_bn)
-                for j in range(d)
-            ]))
-            k += d
-        self._build_head(dims, num_classes)
-        self._finish_init(head_init_scale, features_only, out_indices)
+        with factory_device(device):
+            self._build_stem(in_chans, dims, "patchify")
+            self.stages = nn.ModuleList()
+            for c, ks, rates in zip(dims, kernel_sizes, drop_path_rates(drop_path_rate, depths)):
+                sk = small_kernel if small_kernel is not None and ks > small_kernel else None
+                self.stages.append(nn.Sequential(*[
+                    ConvNeXtBlock(c, ks, sk, drop_path=rate, layer_scale_init_value=layer_scale_init_value,
+                                  sync_bn=sync_bn)
+                    for rate in rates
+                ]))
+            self._build_head(dims)
+            self._finish_init(head_init_scale, features_only, out_indices, device, dtype)
 
 
-# --------------------------------------------------------------------------------------------- configs
-CONFIGS: dict[str, dict] = {
+def _create_convnext(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXt:
+    """Build the registered ``variant`` (its ``model_cfgs`` entry, overridden by ``kwargs``)."""
+    return build_model_with_cfg(ConvNeXt, variant, pretrained, **{**model_cfgs[variant], **kwargs})
+
+
+# -------------------------------------------------------------------------------------- pretrained cfgs
+_CFG = dict(first_conv="stem.0", classifier="head", license="mit")
+_CONVNEXT = dict(_CFG, paper_ids="arXiv:2201.03545", paper_name="A ConvNet for the 2020s (CVPR 2022)",
+                 origin_url="https://github.com/facebookresearch/ConvNeXt", notes=(
+                     "the official ConvNeXt weights use another key layout; lkvision has no converter for them",))
+_LK = dict(_CFG, paper_ids="arXiv:2203.06717", paper_name="RepLKNet, Table 11 (ConvNeXt with 31x31 kernels)",
+           origin_url="https://github.com/DingXiaoH/RepLKNet-pytorch", notes=("no released weights",))
+default_cfgs: dict[str, dict] = {
+    "convnext_t": pretrained_cfg(**_CONVNEXT),
+    "convnext_s": pretrained_cfg(**_CONVNEXT),
+    "convnext_lk_t": pretrained_cfg(**_LK),
+    "convnext_lk_s": pretrained_cfg(**_LK),
+    "convnext_nano_lk": pretrained_cfg(**_CFG, input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0,
+                                       notes=("CPU test configuration (not published)",)),
+}
+
+
+# ----------------------------------------------------------------------------------- registered variants
+model_cfgs: dict[str, dict] = {
     "convnext_t": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), kernel_sizes=(7, 7, 7, 7)),
     "convnext_s": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), kernel_sizes=(7, 7, 7, 7)),
     "convnext_lk_t": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), kernel_sizes=(31, 29, 27, 13),
@@ -127,38 +160,34 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def _build(name: str, **kwargs) -> ConvNeXt:
-    return ConvNeXt(**{**CONFIGS[name], **kwargs})
-
-
 @register_model
-def convnext_t(**kwargs) -> ConvNeXt:
+def convnext_t(pretrained: bool = False, **kwargs) -> ConvNeXt:
     """ConvNeXt-T (7x7 kernels; 28.6 M params, 4.5 GMACs @224)."""
-    return _build("convnext_t", **kwargs)
+    return _create_convnext("convnext_t", pretrained, **kwargs)
 
 
 @register_model
-def convnext_s(**kwargs) -> ConvNeXt:
+def convnext_s(pretrained: bool = False, **kwargs) -> ConvNeXt:
     """ConvNeXt-S (7x7 kernels; 50.2 M params, 8.7 GMACs @224)."""
-    return _build("convnext_s", **kwargs)
+    return _create_convnext("convnext_s", pretrained, **kwargs)
 
 
 @register_model
-def convnext_lk_t(**kwargs) -> ConvNeXt:
+def convnext_lk_t(pretrained: bool = False, **kwargs) -> ConvNeXt:
     """ConvNeXt-T with 31-29-27-13 kernels and 5x5 re-param branches (RepLKNet Table 11)."""
-    return _build("convnext_lk_t", **kwargs)
+    return _create_convnext("convnext_lk_t", pretrained, **kwargs)
 
 
 @register_model
-def convnext_lk_s(**kwargs) -> ConvNeXt:
+def convnext_lk_s(pretrained: bool = False, **kwargs) -> ConvNeXt:
     """ConvNeXt-S with 31-29-27-13 kernels and 5x5 re-param branches (RepLKNet Table 11)."""
-    return _build("convnext_lk_s", **kwargs)
+    return _create_convnext("convnext_lk_s", pretrained, **kwargs)
 
 
 @register_model
-def convnext_nano_lk(**kwargs) -> ConvNeXt:
+def convnext_nano_lk(pretrained: bool = False, **kwargs) -> ConvNeXt:
     """Tiny ConvNeXt with 13-11-9-5 kernels and 5x5 re-param branches, for tests and CPU demos."""
-    return _build("convnext_nano_lk", **kwargs)
+    return _create_convnext("convnext_nano_lk", pretrained, **kwargs)
 
 
 TEST_MODELS: dict[str, dict] = {

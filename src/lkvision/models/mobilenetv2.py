@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from ..layers.reparam_conv import ConvBNAct, ReparamLargeKernelConv
-from ._base import LargeKernelNet
+from ._base import LargeKernelNet, factory_device
+from ._pretrained import build_model_with_cfg, pretrained_cfg
 from ._registry import register_model
 
-__all__ = ["MobileNetV2", "InvertedResidual", "TEST_MODELS"]
+__all__ = ["MobileNetV2", "InvertedResidual", "model_cfgs", "default_cfgs", "TEST_MODELS"]
 
 # (expansion t, output channels c, repeats n, first stride s, stage index) - the standard MobileNetV2 table.
 _SETTINGS = (
@@ -73,8 +74,12 @@ class MobileNetV2(LargeKernelNet):
         last_stage_kernel: kernel of the stride-32 stage (Table 4); ``None`` = ``kernel_size``.
         small_kernel: parallel re-param kernel (3 in Table 3) for every depth-wise conv larger than it, or None.
         shortcut: identity shortcuts (Table 2 compares with and without).
-        width_mult, dropout: as in MobileNetV2.
+        width_mult: channel multiplier, as in MobileNetV2.
+        in_chans, num_classes: input channels, classes (0: no classifier).
+        global_pool: ``"avg"``, ``"max"``, ``"avgmax"`` or ``""`` (unpooled maps).
+        drop_rate: dropout before the classifier (0.2 in MobileNetV2).
         features_only / out_indices: stage outputs at strides 4/8/16/32.
+        output_stride: 32 only. device, dtype: where and in which dtype the parameters are created.
 
     Shapes: (B, in_chans, H, W) -> (B, num_classes); H and W >= 32.
     """
@@ -88,15 +93,30 @@ class MobileNetV2(LargeKernelNet):
         width_mult: float = 1.0,
         in_chans: int = 3,
         num_classes: int = 1000,
-        dropout: float = 0.2,
+        global_pool: str = "avg",
+        drop_rate: float = 0.2,
         settings: Sequence[tuple[int, int, int, int, int]] = _SETTINGS,
         last_channels: int = 1280,
         features_only: bool = False,
-        out_indices: Sequence[int] | None = None,
+        out_indices: int | Sequence[int] | None = None,
         sync_bn: bool = False,
+        output_stride: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self.in_chans, self.num_classes = in_chans, num_classes
+        super().__init__(in_chans=in_chans, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate,
+                         output_stride=output_stride)
+        with factory_device(device):
+            self._build(kernel_size, last_stage_kernel, small_kernel, shortcut, width_mult, settings, last_channels,
+                        sync_bn)
+            self._init_weights()
+            self._init_features_mode(features_only, out_indices)
+        self._to_device_dtype(device, dtype)
+
+    def _build(self, kernel_size: int, last_stage_kernel: int | None, small_kernel: int | None, shortcut: bool,
+               width_mult: float, settings: Sequence[tuple[int, int, int, int, int]], last_channels: int,
+               sync_bn: bool) -> None:
+        in_chans, num_classes = self.in_chans, self.num_classes
         stem_chs = _make_divisible(32 * width_mult)
         self.stem = ConvBNAct(in_chans, stem_chs, 3, stride=2, act=nn.ReLU6(), sync_bn=sync_bn)
         n_stages = max(s[4] for s in settings) + 1
@@ -117,10 +137,8 @@ class MobileNetV2(LargeKernelNet):
             last = blocks[-1]
             chs = last.conv.out_channels if isinstance(last, ConvBNAct) else last.project.conv.out_channels
             self.feature_info.append(dict(num_chs=chs, reduction=4 * 2 ** i, module=f"stages.{i}"))
-        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_weights()
-        self._init_features_mode(features_only, out_indices)
+        self.pass_through = nn.Identity()  # the (no-op) module before stages 1..3
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -131,16 +149,30 @@ class MobileNetV2(LargeKernelNet):
                 nn.init.zeros_(m.bias)
 
     def stage_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.stem if i == 0 else nn.Identity(), s) for i, s in enumerate(self.stages)]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, 1280, h, w) -> logits (B, num_classes) (pooled (B, 1280) with ``pre_logits``)."""
-        x = self.dropout(x.mean((2, 3)))
-        return x if pre_logits else self.head(x)
+        return [(self.stem if i == 0 else self.pass_through, s) for i, s in enumerate(self.stages)]
 
 
-# --------------------------------------------------------------------------------------------- configs
-CONFIGS: dict[str, dict] = {
+def _create_mobilenetv2(variant: str, pretrained: bool = False, **kwargs) -> MobileNetV2:
+    """Build the registered ``variant`` (its ``model_cfgs`` entry, overridden by ``kwargs``)."""
+    return build_model_with_cfg(MobileNetV2, variant, pretrained, **{**model_cfgs[variant], **kwargs})
+
+
+# -------------------------------------------------------------------------------------- pretrained cfgs
+# No released weights (the RepLKNet paper trains these for its ablations); cfgs hold the data defaults.
+_CFG = dict(first_conv="stem.conv", classifier="head", paper_ids="arXiv:2203.06717",
+            paper_name="RepLKNet Tables 2-4 (MobileNetV2 test-bed of Guidelines 2, 3 and 5)",
+            notes=("no released weights",))
+default_cfgs: dict[str, dict] = {
+    **{name: pretrained_cfg(**_CFG) for name in (
+        "mobilenetv2_100", "mobilenetv2_noskip", "mobilenetv2_k13", "mobilenetv2_k13_noskip", "mobilenetv2_k9",
+        "mobilenetv2_k9_rep3", "mobilenetv2_k13_rep3", "mobilenetv2_last7_rep3", "mobilenetv2_last13_rep3")},
+    "mobilenetv2_nano_k13_rep3": pretrained_cfg(**{**_CFG, "notes": ("CPU test configuration",)},
+                                                input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
+}
+
+
+# ------------------------------------------------------------------------------------- registered variants
+model_cfgs: dict[str, dict] = {
     # Table 2 (Guideline 2): shortcuts on / off, 3x3 vs 13x13 (no re-param)
     "mobilenetv2_100": dict(kernel_size=3),
     "mobilenetv2_noskip": dict(kernel_size=3, shortcut=False),
@@ -158,68 +190,64 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def _build(name: str, **kwargs) -> MobileNetV2:
-    return MobileNetV2(**{**CONFIGS[name], **kwargs})
-
-
 @register_model
-def mobilenetv2_100(**kwargs) -> MobileNetV2:
+def mobilenetv2_100(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """Standard MobileNetV2 1.0 (3x3 depth-wise, shortcuts; 3.5 M params)."""
-    return _build("mobilenetv2_100", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_100", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_noskip(**kwargs) -> MobileNetV2:
+def mobilenetv2_noskip(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 without identity shortcuts (Table 2)."""
-    return _build("mobilenetv2_noskip", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_noskip", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_k13(**kwargs) -> MobileNetV2:
+def mobilenetv2_k13(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 with every depth-wise 3x3 replaced by 13x13 (Table 2)."""
-    return _build("mobilenetv2_k13", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_k13", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_k13_noskip(**kwargs) -> MobileNetV2:
+def mobilenetv2_k13_noskip(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 with 13x13 depth-wise kernels and no shortcuts (Table 2)."""
-    return _build("mobilenetv2_k13_noskip", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_k13_noskip", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_k9(**kwargs) -> MobileNetV2:
+def mobilenetv2_k9(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 with 9x9 depth-wise kernels (Table 3)."""
-    return _build("mobilenetv2_k9", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_k9", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_k9_rep3(**kwargs) -> MobileNetV2:
+def mobilenetv2_k9_rep3(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 with 9x9 depth-wise kernels + parallel 3x3 re-param branches (Table 3)."""
-    return _build("mobilenetv2_k9_rep3", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_k9_rep3", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_k13_rep3(**kwargs) -> MobileNetV2:
+def mobilenetv2_k13_rep3(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 with 13x13 depth-wise kernels + parallel 3x3 re-param branches (Table 3)."""
-    return _build("mobilenetv2_k13_rep3", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_k13_rep3", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_last7_rep3(**kwargs) -> MobileNetV2:
+def mobilenetv2_last7_rep3(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 with 7x7 (+3x3 re-param) kernels in the stride-32 stage only (Table 4)."""
-    return _build("mobilenetv2_last7_rep3", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_last7_rep3", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_last13_rep3(**kwargs) -> MobileNetV2:
+def mobilenetv2_last13_rep3(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """MobileNetV2 with 13x13 (+3x3 re-param) kernels in the stride-32 stage only (Table 4)."""
-    return _build("mobilenetv2_last13_rep3", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_last13_rep3", pretrained, **kwargs)
 
 
 @register_model
-def mobilenetv2_nano_k13_rep3(**kwargs) -> MobileNetV2:
+def mobilenetv2_nano_k13_rep3(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """Tiny (width 0.25) MobileNetV2 with 13x13 + 3x3 re-param kernels, for tests."""
-    return _build("mobilenetv2_nano_k13_rep3", **kwargs)
+    return _create_mobilenetv2("mobilenetv2_nano_k13_rep3", pretrained, **kwargs)
 
 
 TEST_MODELS: dict[str, dict] = {

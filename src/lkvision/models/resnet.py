@@ -6,7 +6,11 @@ The wrapper exposes ``stem`` (conv1, bn1, act, maxpool) and ``stages`` (layer1..
 lkvision API (``forward_features`` = layer4 output, ``features_only``, ``feature_info``), and
 ``reparameterize()`` folds every conv+BN pair into a biased conv (exact in eval mode).
 
-Weights: timm/torchvision ResNet state dicts load after prefixing (see :func:`timm_key_to_lkvision`).
+Weights: timm/torchvision ResNet state dicts load through ``checkpoint_filter_fn`` (:func:`timm_key_to_lkvision`);
+``pretrained=True`` takes torchvision's ImageNet weights from timm's Hugging Face Hub copies (``*.tv_in1k``).
+
+File order (timm's): helpers -> model -> ``checkpoint_filter_fn`` -> ``_create_resnet`` -> ``default_cfgs`` ->
+registered variants.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import torch
 from torch import nn
 
 from ..layers.conv_bn import fuse_bn
-from ._base import LargeKernelNet
+from ._base import LargeKernelNet, factory_device
+from ._pretrained import build_model_with_cfg, pretrained_cfg
 from ._registry import register_model
 
-__all__ = ["ResNet", "FoldBNSequential", "fold_conv_bn_pairs", "timm_key_to_lkvision", "TEST_MODELS"]
+__all__ = ["ResNet", "FoldBNSequential", "fold_conv_bn_pairs", "timm_key_to_lkvision", "default_cfgs",
+           "checkpoint_filter_fn", "TEST_MODELS"]
 
 
 @torch.no_grad()
@@ -71,32 +77,51 @@ class FoldBNSequential(nn.Sequential):
 
 
 class ResNet(LargeKernelNet):
-    """lkvision wrapper of a timm ``ResNet`` (taken apart into ``stem`` / ``stages`` / ``head``).
+    """lkvision wrapper of timm's ``ResNet`` ``variant`` (taken apart into ``stem`` / ``stages`` / ``head``).
+
+    Args:
+        arch: timm's ResNet entry point (``"resnet50"``, ...), built without weights.
+        in_chans, num_classes, drop_path_rate: passed to timm's constructor.
+        global_pool: ``"avg"``, ``"max"``, ``"avgmax"`` or ``""`` (unpooled maps). drop_rate: dropout before
+            the classifier.
+        features_only / out_indices: stage outputs (strides 4/8/16/32), no extra norm.
+        output_stride: 32 only. device, dtype: where and in which dtype the parameters are created.
 
     Shapes: (B, in_chans, H, W) -> (B, num_classes); ``forward_features`` -> (B, C4, H/32, W/32).
     """
 
-    def __init__(self, net: nn.Module, features_only: bool = False, out_indices: Sequence[int] | None = None):
-        super().__init__()
-        self.in_chans = net.conv1.in_channels
-        self.num_classes = net.num_classes
-        self.num_features = net.num_features
-        self.stem = FoldBNSequential(net.conv1, net.bn1, net.act1, net.maxpool)
-        self.stages = nn.ModuleList(FoldBNSequential(*getattr(net, f"layer{i}")) for i in range(1, 5))
-        self.feature_info = [
-            dict(num_chs=fi["num_chs"], reduction=fi["reduction"], module=f"stages.{i}")
-            for i, fi in enumerate(net.feature_info[1:])
-        ]
-        self.head = net.fc
-        self._init_features_mode(features_only, out_indices)
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        features_only: bool = False,
+        out_indices: int | Sequence[int] | None = None,
+        output_stride: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_chans=in_chans, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate,
+                         output_stride=output_stride)
+        with factory_device(device):
+            net = _timm_resnet(arch, in_chans=in_chans, num_classes=num_classes, drop_path_rate=drop_path_rate)
+            self.num_features = net.num_features
+            self.stem = FoldBNSequential(net.conv1, net.bn1, net.act1, net.maxpool)
+            self.stages = nn.ModuleList(FoldBNSequential(*getattr(net, f"layer{i}")) for i in range(1, 5))
+            self.feature_info = [
+                dict(num_chs=fi["num_chs"], reduction=fi["reduction"], module=f"stages.{i}")
+                for i, fi in enumerate(net.feature_info[1:])
+            ]
+            self.head = net.fc
+            self.pass_through = nn.Identity()  # the (no-op) module before stages 1..3
+            self._init_features_mode(features_only, out_indices)
+        self._to_device_dtype(device, dtype)
 
     def stage_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.stem if i == 0 else nn.Identity(), s) for i, s in enumerate(self.stages)]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C4, h, w) -> logits (B, num_classes) (pooled (B, C4) with ``pre_logits``)."""
-        x = x.mean((2, 3))
-        return x if pre_logits else self.head(x)
+        return [(self.stem if i == 0 else self.pass_through, s) for i, s in enumerate(self.stages)]
 
 
 def timm_key_to_lkvision(key: str) -> str:
@@ -111,45 +136,64 @@ def timm_key_to_lkvision(key: str) -> str:
     return key
 
 
-def _timm_resnet(name: str, **kwargs) -> ResNet:
-    features_only = kwargs.pop("features_only", False)
-    out_indices = kwargs.pop("out_indices", None)
-    try:
-        from ..data._compat import ensure_torchvision
-    except ImportError:  # pragma: no cover - the compat module is part of lkvision
-        ensure_torchvision = None
-    if ensure_torchvision is not None:
-        ensure_torchvision()
+def _timm_resnet(variant: str, **kwargs) -> nn.Module:
+    from ..data._compat import ensure_torchvision  # timm imports torchvision
+
+    ensure_torchvision()
     try:
         from timm.models import resnet as timm_resnet
     except Exception as e:  # noqa: BLE001 - re-raised with the remedy
-        raise ImportError(f"{name} needs timm (pip install 'lkvision[train]'): {type(e).__name__}: {e}") from e
-    net = getattr(timm_resnet, name)(pretrained=False, **kwargs)
-    return ResNet(net, features_only=features_only, out_indices=out_indices)
+        raise ImportError(f"{variant} needs timm (pip install 'lkvision[train]'): {type(e).__name__}: {e}") from e
+    return getattr(timm_resnet, variant)(pretrained=False, **kwargs)
 
 
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ResNet) -> dict[str, torch.Tensor]:
+    """A timm/torchvision ResNet state dict -> this wrapper's keys (lkvision checkpoints pass unchanged)."""
+    if any(k.startswith(("stem.", "stages.")) for k in state_dict):
+        return dict(state_dict)
+    return {timm_key_to_lkvision(k): v for k, v in state_dict.items()}
+
+
+def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
+    """Build the registered ``variant`` (timm's definition of the same name)."""
+    return build_model_with_cfg(ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                arch=variant, **kwargs)
+
+
+# -------------------------------------------------------------------------------------- pretrained cfgs
+# torchvision's ImageNet weights (RepLKNet's ERF baselines) as hosted by timm on the Hugging Face Hub.
+def _tv(name: str) -> dict:
+    return pretrained_cfg(hf_hub_id=f"timm/{name}.tv_in1k", hf_hub_filename="model.safetensors",
+                          interpolation="bilinear", first_conv="stem.0", classifier="head", license="bsd-3-clause",
+                          origin_url="https://github.com/pytorch/vision", paper_ids="arXiv:1512.03385")
+
+
+default_cfgs: dict[str, dict] = {f"{n}.tv_in1k": _tv(n) for n in ("resnet18", "resnet50", "resnet101", "resnet152")}
+
+
+# ----------------------------------------------------------------------------------- registered variants
 @register_model
-def resnet18(**kwargs) -> ResNet:
+def resnet18(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-18 (timm definition; 11.7 M params, 1.8 GMACs @224)."""
-    return _timm_resnet("resnet18", **kwargs)
+    return _create_resnet("resnet18", pretrained, **kwargs)
 
 
 @register_model
-def resnet50(**kwargs) -> ResNet:
+def resnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-50 (timm definition; 25.6 M params, 4.1 GMACs @224)."""
-    return _timm_resnet("resnet50", **kwargs)
+    return _create_resnet("resnet50", pretrained, **kwargs)
 
 
 @register_model
-def resnet101(**kwargs) -> ResNet:
+def resnet101(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-101 (timm definition; 44.5 M params, 7.8 GMACs @224), ERF baseline of RepLKNet Table 10."""
-    return _timm_resnet("resnet101", **kwargs)
+    return _create_resnet("resnet101", pretrained, **kwargs)
 
 
 @register_model
-def resnet152(**kwargs) -> ResNet:
+def resnet152(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-152 (timm definition; 60.2 M params, 11.6 GMACs @224), ERF baseline of RepLKNet Table 10."""
-    return _timm_resnet("resnet152", **kwargs)
+    return _create_resnet("resnet152", pretrained, **kwargs)
 
 
 TEST_MODELS: dict[str, dict] = {

@@ -14,7 +14,8 @@ Deploy form (:func:`lkvision.reparameterize`): every ShiftWiseConv2d becomes two
 convs, the post-SW BN is folded into them, the GRN bias, the trailing BN and the layer scale are folded into
 the second Linear. The layer names are ours; :mod:`lkvision.compat.shiftwise` maps official checkpoints.
 
-The registered variants are listed in the config table at the bottom of this file.
+File order (timm's): block -> model -> ``checkpoint_filter_fn`` -> ``_create_shiftwise`` -> ``default_cfgs``
+(pretrained cfgs) -> ``model_cfgs`` and the registered variants.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from torch import nn
 
 from ..layers import GRN, DropPath, LayerScale2d, SEBlock, fold_bn_after_linear, make_bn
 from ..layers.shiftwise import ShiftWiseConv2d
-from ._base import ConvNeXtMacroNet
+from ._base import ConvNeXtMacroNet, drop_path_rates, factory_device
+from ._pretrained import build_model_with_cfg, pretrained_cfg
 from ._registry import register_model
 
-__all__ = ["ShiftWiseNet", "ShiftWiseBlock", "SW_CONFIGS", "TEST_MODELS"]
+__all__ = ["ShiftWiseNet", "ShiftWiseBlock", "model_cfgs", "default_cfgs", "checkpoint_filter_fn", "TEST_MODELS"]
 
 
 class ShiftWiseBlock(nn.Module):
@@ -114,6 +116,9 @@ class ShiftWiseNet(ConvNeXtMacroNet):
         small_kernel: N, size of the small filters (3).
         num_branches: re-parameterisable branches per SW conv (2); edges: shift-add clones (4).
         ghost_ratio: fraction of channels that bypass each SW conv (0.23).
+        in_chans, num_classes: input channels; classes (0: no classifier, ``forward`` returns pooled features).
+        global_pool: ``"avg"`` (official), ``"max"``, ``"avgmax"`` or ``""`` (unpooled maps).
+        drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
         layer_scale_init_value: initial layer scale gamma (1e-6; <= 0 disables it).
         head_init_scale: scale of the initial classifier weights.
@@ -122,6 +127,8 @@ class ShiftWiseNet(ConvNeXtMacroNet):
         impl: op implementation for the SW convs (see :func:`lkvision.ops.shiftwise_conv`).
         restore_channel_order: SW convs keep the input channel order (not checkpoint-compatible).
         features_only / out_indices: return normed stage feature maps (strides 4, 8, 16, 32).
+        output_stride: 32 only (accepted for timm's feature API). device / dtype: where and in which dtype the
+            parameters are created (``"meta"`` builds without allocating).
 
     Shapes: (B, in_chans, H, W) -> (B, num_classes) logits (H, W >= 32).
     """
@@ -137,6 +144,8 @@ class ShiftWiseNet(ConvNeXtMacroNet):
         ghost_ratio: float = 0.23,
         in_chans: int = 3,
         num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         layer_scale_init_value: float = 1e-6,
         head_init_scale: float = 1.0,
@@ -147,9 +156,13 @@ class ShiftWiseNet(ConvNeXtMacroNet):
         impl: str = "auto",
         restore_channel_order: bool = False,
         features_only: bool = False,
-        out_indices: Sequence[int] | None = None,
+        out_indices: int | Sequence[int] | None = None,
+        output_stride: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(in_chans=in_chans, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate,
+                         output_stride=output_stride)
         depths, dims, big_kernels = tuple(depths), tuple(dims), tuple(big_kernels)
         if not (len(depths) == len(dims) == len(big_kernels) == 4):
             raise ValueError(
@@ -166,84 +179,62 @@ class ShiftWiseNet(ConvNeXtMacroNet):
             layer_scale_init_value=layer_scale_init_value, head_init_scale=head_init_scale, mlp_ratio=mlp_ratio,
             bn=bn, table_seed=table_seed, restore_channel_order=restore_channel_order,
         )
-        self.in_chans = in_chans
-
-        self._build_stem(in_chans, dims, "conv")
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.stages = nn.ModuleList()
-        cur = 0
-        for i in range(4):
-            self.stages.append(nn.Sequential(*[
-                ShiftWiseBlock(
-                    dims[i], big_kernels[i], small_kernel, num_branches=num_branches, edges=edges,
-                    ghost_ratio=ghost_ratio, drop_path=rates[cur + j],
-                    layer_scale_init_value=layer_scale_init_value, mlp_ratio=mlp_ratio, bn=bn,
-                    sync_bn=sync_bn, table_seed=table_seed, impl=impl,
-                    restore_channel_order=restore_channel_order,
-                )
-                for j in range(depths[i])
-            ]))
-            cur += depths[i]
-        self._build_head(dims, num_classes)
-        self._finish_init(head_init_scale, features_only, out_indices)
+        with factory_device(device):
+            self._build_stem(in_chans, dims, "conv")
+            self.stages = nn.ModuleList(
+                nn.Sequential(*[
+                    ShiftWiseBlock(
+                        dims[i], big_kernels[i], small_kernel, num_branches=num_branches, edges=edges,
+                        ghost_ratio=ghost_ratio, drop_path=rate, layer_scale_init_value=layer_scale_init_value,
+                        mlp_ratio=mlp_ratio, bn=bn, sync_bn=sync_bn, table_seed=table_seed, impl=impl,
+                        restore_channel_order=restore_channel_order,
+                    )
+                    for rate in rates
+                ])
+                for i, rates in enumerate(drop_path_rates(drop_path_rate, depths))
+            )
+            self._build_head(dims)
+            self._finish_init(head_init_scale, features_only, out_indices, device, dtype)
 
 
-def _sw(name: str, pretrained: bool = False, **kwargs) -> ShiftWiseNet:
-    cfg = dict(SW_CONFIGS[name])
-    cfg.update(kwargs)
-    if pretrained:
-        raise ValueError("pretrained weights are loaded by lkvision.create_model(name, pretrained=<path>)")
-    return ShiftWiseNet(**cfg)
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ShiftWiseNet) -> dict[str, torch.Tensor]:
+    """An official ShiftWise_v2 checkpoint -> this model's keys (lkvision checkpoints pass unchanged).
+    The official key map lives in :mod:`lkvision.compat.shiftwise`."""
+    from ..compat import checkpoint_filter  # compat builds on this module: imported when weights are loaded
+
+    return checkpoint_filter("shiftwise", state_dict, model)
 
 
-@register_model
-def sw_tiny(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
-    """SW-T (paper: 31 M params with merged branches, 5.0 GMACs at 224^2, 83.39% top-1)."""
-    return _sw("sw_tiny", pretrained, **kwargs)
+def _create_shiftwise(variant: str, pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """Build the registered ``variant`` (its ``model_cfgs`` entry, overridden by ``kwargs``)."""
+    return build_model_with_cfg(ShiftWiseNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **{**model_cfgs[variant], **kwargs})
 
 
-@register_model
-def sw_small(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
-    """SW-S (paper: 56 M params, 9.4 GMACs)."""
-    return _sw("sw_small", pretrained, **kwargs)
+# -------------------------------------------------------------------------------------- pretrained cfgs
+_CFG = dict(first_conv="stem.0", classifier="head", paper_ids="arXiv:2401.12736",
+            paper_name="ShiftwiseConv: Small Convolutional Kernel with Large Kernel Effect (CVPR 2025)",
+            origin_url="https://github.com/lidc54/shift-wiseConv")
+_CPU = dict(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0, notes=("CPU configuration (not from the paper)",))
+default_cfgs: dict[str, dict] = {
+    "sw_tiny.in1k": pretrained_cfg(**_CFG, notes=(
+        "official SW-T weights (83.39% top-1, 300 epochs, 30% coarse sparsity) are on Google Drive: "
+        "https://drive.google.com/file/d/1U4DOZv5V9_7wJdqdicjp0tCmNIdRNJOc/view?usp=sharing",)),
+    "sw_small": pretrained_cfg(**_CFG, notes=("no released weights",)),
+    "sw_base": pretrained_cfg(**_CFG, notes=("registered officially, never trained or reported",)),
+    "sw_large": pretrained_cfg(**_CFG, notes=("registered officially, never trained or reported",)),
+    "sw_nano": pretrained_cfg(**{**_CFG, **_CPU}),
+    "sw_pico": pretrained_cfg(**{**_CFG, **_CPU}),
+    "sw_femto": pretrained_cfg(**{**_CFG, **_CPU}),
+}
 
 
-@register_model
-def sw_base(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
-    """SW-B (registered officially, never trained or reported)."""
-    return _sw("sw_base", pretrained, **kwargs)
-
-
-@register_model
-def sw_large(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
-    """SW-L (registered officially, never trained or reported)."""
-    return _sw("sw_large", pretrained, **kwargs)
-
-
-@register_model
-def sw_nano(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
-    """Small CPU configuration (not from the paper)."""
-    return _sw("sw_nano", pretrained, **kwargs)
-
-
-@register_model
-def sw_pico(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
-    """Tiny CPU configuration (not from the paper)."""
-    return _sw("sw_pico", pretrained, **kwargs)
-
-
-@register_model
-def sw_femto(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
-    """Smallest CPU configuration for unit tests (not from the paper)."""
-    return _sw("sw_femto", pretrained, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------- config table
+# ----------------------------------------------------------------------------------- registered variants
 # Paper variants use N = 3, G = 0.23, 2 branches, 4 edges, M = 51, 49, 47, 13 (official `kernel_size`
 # [51, 49, 47, 13, 3]); sw_base/sw_large are registered in the official code but never trained.
 # sw_nano/sw_pico/sw_femto are ours: small widths and kernels sized for CPU work at 64..224 px.
 _PAPER = dict(big_kernels=(51, 49, 47, 13), small_kernel=3, num_branches=2, edges=4, ghost_ratio=0.23)
-SW_CONFIGS: dict[str, dict] = {
+model_cfgs: dict[str, dict] = {
     "sw_tiny": dict(depths=(3, 3, 18, 3), dims=(80, 160, 320, 640), **_PAPER),
     "sw_small": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), **_PAPER),
     "sw_base": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), **_PAPER),
@@ -255,6 +246,49 @@ SW_CONFIGS: dict[str, dict] = {
     "sw_femto": dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), big_kernels=(13, 11, 9, 7),
                      small_kernel=3, num_branches=2, edges=4, ghost_ratio=0.23),
 }
+
+
+@register_model
+def sw_tiny(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """SW-T (paper: 31 M params with merged branches, 5.0 GMACs at 224^2, 83.39% top-1)."""
+    return _create_shiftwise("sw_tiny", pretrained, **kwargs)
+
+
+@register_model
+def sw_small(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """SW-S (paper: 56 M params, 9.4 GMACs)."""
+    return _create_shiftwise("sw_small", pretrained, **kwargs)
+
+
+@register_model
+def sw_base(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """SW-B (registered officially, never trained or reported)."""
+    return _create_shiftwise("sw_base", pretrained, **kwargs)
+
+
+@register_model
+def sw_large(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """SW-L (registered officially, never trained or reported)."""
+    return _create_shiftwise("sw_large", pretrained, **kwargs)
+
+
+@register_model
+def sw_nano(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """Small CPU configuration (not from the paper)."""
+    return _create_shiftwise("sw_nano", pretrained, **kwargs)
+
+
+@register_model
+def sw_pico(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """Tiny CPU configuration (not from the paper)."""
+    return _create_shiftwise("sw_pico", pretrained, **kwargs)
+
+
+@register_model
+def sw_femto(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """Smallest CPU configuration for unit tests (not from the paper)."""
+    return _create_shiftwise("sw_femto", pretrained, **kwargs)
+
 
 # Configurations small enough for CPU unit tests (< 1 s forward at 64^2); the generic model tests iterate them.
 TEST_MODELS: dict[str, dict] = {

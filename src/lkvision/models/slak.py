@@ -19,6 +19,9 @@ one). Ours (:func:`lkvision.reparameterize`): each StripConv merges into two
 biased strips (or one dense L x L kernel with ``deploy_dense=True``, slower with native PyTorch convs), and
 the layer scale folds into the second Linear. Sparse training (40% sparsity in the paper) lives in
 :mod:`lkvision.sparse`; the models here are dense.
+
+File order (timm's): block -> model -> ``checkpoint_filter_fn`` -> ``_create_slak`` -> ``default_cfgs`` ->
+``model_cfgs`` and the registered variants.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from torch import nn
 from ..layers import DropPath, LayerScale2d
 from ..layers.reparam_conv import ReparamLargeKernelConv
 from ..layers.strip import StripConv
-from ._base import ConvNeXtMacroNet
+from ._base import ConvNeXtMacroNet, drop_path_rates, factory_device
+from ._pretrained import build_model_with_cfg, pretrained_cfg
 from ._registry import register_model
 
-__all__ = ["SLaK", "SLaKBlock", "slak_dims", "TEST_MODELS"]
+__all__ = ["SLaK", "SLaKBlock", "slak_dims", "model_cfgs", "default_cfgs", "checkpoint_filter_fn", "TEST_MODELS"]
 
 
 def slak_dims(dims: Sequence[int], width_factor: float = 1.3) -> tuple[int, ...]:
@@ -131,6 +135,8 @@ class SLaK(ConvNeXtMacroNet):
         kernel_sizes: big kernel M per stage.
         small_kernel: N, shared by all stages.
         in_chans, num_classes: input channels, classes (0: no classifier).
+        global_pool: ``"avg"`` (official), ``"max"``, ``"avgmax"`` or ``""`` (unpooled maps).
+        drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linear over all blocks.
         layer_scale_init_value: initial layer scale.
         head_init_scale: multiplies the initial classifier weight and bias.
@@ -141,6 +147,7 @@ class SLaK(ConvNeXtMacroNet):
         decomposed: strips (default, official ``Decom=True``) or a dense M x M kernel (``Decom=False``); see
             :class:`SLaKBlock`.
         features_only, out_indices: return the per-stage feature maps after a channels-first LayerNorm.
+        output_stride: 32 only. device, dtype: where and in which dtype the parameters are created.
 
     Input (B, in_chans, H, W), H, W >= 32; output logits (B, num_classes).
     """
@@ -153,6 +160,8 @@ class SLaK(ConvNeXtMacroNet):
         small_kernel: int = 5,
         in_chans: int = 3,
         num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         layer_scale_init_value: float | None = 1e-6,
         head_init_scale: float = 1.0,
@@ -162,9 +171,13 @@ class SLaK(ConvNeXtMacroNet):
         deploy_dense: bool = False,
         decomposed: bool = True,
         features_only: bool = False,
-        out_indices: Sequence[int] | None = None,
+        out_indices: int | Sequence[int] | None = None,
+        output_stride: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(in_chans=in_chans, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate,
+                         output_stride=output_stride)
         depths, dims = tuple(int(d) for d in depths), tuple(int(d) for d in dims)
         kernel_sizes = tuple(int(k) for k in kernel_sizes)
         if len(depths) != 4 or len(dims) != 4 or len(kernel_sizes) != 4:
@@ -178,30 +191,65 @@ class SLaK(ConvNeXtMacroNet):
             layer_scale_init_value=layer_scale_init_value, head_init_scale=head_init_scale, bn=bn,
             sync_bn=sync_bn, deploy=deploy, deploy_dense=deploy_dense, decomposed=decomposed,
             features_only=features_only,
-            out_indices=None if out_indices is None else list(out_indices),
+            out_indices=None if out_indices is None or isinstance(out_indices, int) else list(out_indices),
         )
-        self.in_chans, self.num_classes = in_chans, num_classes
         self.depths, self.dims = depths, dims
         self.kernel_sizes, self.small_kernel = kernel_sizes, small_kernel
-
-        self._build_stem(in_chans, dims, "patchify")
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-        self.stages = nn.ModuleList()
-        cur = 0
-        for i in range(4):
-            self.stages.append(nn.Sequential(*[
-                SLaKBlock(dims[i], kernel_sizes[i], small_kernel, drop_path=rates[cur + j],
-                          layer_scale_init_value=layer_scale_init_value, bn=bn, sync_bn=sync_bn,
-                          deploy=deploy, deploy_dense=deploy_dense, decomposed=decomposed)
-                for j in range(depths[i])
-            ]))
-            cur += depths[i]
-        self._build_head(dims, num_classes)
-        self._finish_init(head_init_scale, features_only, out_indices)
+        with factory_device(device):
+            self._build_stem(in_chans, dims, "patchify")
+            self.stages = nn.ModuleList(
+                nn.Sequential(*[
+                    SLaKBlock(dims[i], kernel_sizes[i], small_kernel, drop_path=rate,
+                              layer_scale_init_value=layer_scale_init_value, bn=bn, sync_bn=sync_bn,
+                              deploy=deploy, deploy_dense=deploy_dense, decomposed=decomposed)
+                    for rate in rates
+                ])
+                for i, rates in enumerate(drop_path_rates(drop_path_rate, depths))
+            )
+            self._build_head(dims)
+            self._finish_init(head_init_scale, features_only, out_indices, device, dtype)
 
 
-# ---------------------------------------------------------------------------------------- configs
-_CFGS: dict[str, dict] = {
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SLaK) -> dict[str, torch.Tensor]:
+    """An official SLaK checkpoint (strip kernels ``LoRA1``/``LoRA2``) -> this model's keys; lkvision
+    checkpoints pass unchanged. The official key map lives in :mod:`lkvision.compat.slak`."""
+    from ..compat import checkpoint_filter  # compat builds on this module: imported when weights are loaded
+
+    return checkpoint_filter("slak", state_dict, model)
+
+
+def _create_slak(variant: str, pretrained: bool = False, **kwargs) -> SLaK:
+    """Build the registered ``variant`` (its ``model_cfgs`` entry, overridden by ``kwargs``)."""
+    return build_model_with_cfg(SLaK, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **{**model_cfgs[variant], **kwargs})
+
+
+# -------------------------------------------------------------------------------------- pretrained cfgs
+_CFG = dict(first_conv="stem.0", classifier="head", license="mit", paper_ids="arXiv:2207.03620",
+            paper_name="More ConvNets in the 2020s: Scaling up Kernels Beyond 51x51 using Sparsity (ICLR 2023)",
+            origin_url="https://github.com/VITA-Group/SLaK")
+
+
+def _drive(link: str, top1: str) -> dict:
+    return pretrained_cfg(**_CFG, notes=(
+        f"official weights ({top1} top-1, 300 epochs, 40% sparsity; official kwargs in "
+        f"lkvision.compat.slak.MODEL_KWARGS) are on Google Drive: {link}",))
+
+
+default_cfgs: dict[str, dict] = {
+    "slak_t.in1k": _drive("https://drive.google.com/file/d/1Iut2f5FMS_77jGPYoUJDQzDIXOsax1u4/view?usp=sharing",
+                          "82.5%"),
+    "slak_s.in1k": _drive("https://drive.google.com/file/d/1etM6KQbnlsgDAZ37adsQJ3UI8Bbv2AVe/view?usp=sharing",
+                          "83.8%"),
+    "slak_b.in1k": _drive("https://drive.google.com/file/d/1duUxUD3RSblQ6eDHd0n-u0aulwGypf1j/view?usp=sharing",
+                          "84.0%"),
+    "slak_test": pretrained_cfg(**_CFG, input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0,
+                                notes=("CPU test configuration (not published)",)),
+}
+
+
+# ----------------------------------------------------------------------------------- registered variants
+model_cfgs: dict[str, dict] = {
     "slak_t": dict(depths=(3, 3, 9, 3), dims=slak_dims((96, 192, 384, 768))),
     "slak_s": dict(depths=(3, 3, 27, 3), dims=slak_dims((96, 192, 384, 768))),
     "slak_b": dict(depths=(3, 3, 27, 3), dims=slak_dims((128, 256, 512, 1024))),
@@ -210,32 +258,28 @@ _CFGS: dict[str, dict] = {
 }
 
 
-def _create(name: str, **kwargs) -> SLaK:
-    return SLaK(**{**_CFGS[name], **kwargs})
-
-
 @register_model
-def slak_t(**kwargs) -> SLaK:
+def slak_t(pretrained: bool = False, **kwargs) -> SLaK:
     """SLaK-T: kernels 51/49/47/13 (N = 5), dims 124..998; 50.7M dense params (30M non-zero at 40%)."""
-    return _create("slak_t", **kwargs)
+    return _create_slak("slak_t", pretrained, **kwargs)
 
 
 @register_model
-def slak_s(**kwargs) -> SLaK:
+def slak_s(pretrained: bool = False, **kwargs) -> SLaK:
     """SLaK-S: depths 3/3/27/3, dims 124..998; 55M non-zero params at 40% sparsity."""
-    return _create("slak_s", **kwargs)
+    return _create_slak("slak_s", pretrained, **kwargs)
 
 
 @register_model
-def slak_b(**kwargs) -> SLaK:
+def slak_b(pretrained: bool = False, **kwargs) -> SLaK:
     """SLaK-B: depths 3/3/27/3, dims 166..1331; 95M non-zero params at 40% sparsity."""
-    return _create("slak_b", **kwargs)
+    return _create_slak("slak_b", pretrained, **kwargs)
 
 
 @register_model
-def slak_test(**kwargs) -> SLaK:
+def slak_test(pretrained: bool = False, **kwargs) -> SLaK:
     """Tiny SLaK for CPU tests (not a published configuration)."""
-    return _create("slak_test", **kwargs)
+    return _create_slak("slak_test", pretrained, **kwargs)
 
 
 #: tiny CPU configurations iterated by the generic model tests (name -> constructor kwargs).

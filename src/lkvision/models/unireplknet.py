@@ -14,6 +14,13 @@ downstream ``norm0..3``).
 Deploy form (:func:`lkvision.reparameterize`, or ``deploy=True`` at construction), spec LK.md §4.4:
 the dilated branches merge into the K x K kernel, the post-dwconv BN folds into it (3x3/5x5 convs gain a
 bias), the GRN beta folds into the last Linear, and the trailing BN and layer scale fold into that Linear too.
+
+Pretrained weights: the official checkpoints on the Hugging Face Hub (``DingXiaoH/UniRepLKNet``) are in
+``default_cfgs``; ``create_model("unireplknet_t", pretrained=True)`` downloads the official file and converts it
+through :mod:`lkvision.compat.unireplknet` (``checkpoint_filter_fn``).
+
+File order (timm's): block -> model -> ``checkpoint_filter_fn`` -> ``_create_unireplknet`` -> ``default_cfgs``
+-> ``model_cfgs`` and the registered variants.
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ from torch import nn
 
 from ..layers import GRN, DropPath, LayerScale2d, SEBlock, fold_bn_after_linear, fuse_bn, make_bn
 from ..layers.dilated import DILATED_BRANCHES, DilatedReparamConv
-from ._base import ConvNeXtMacroNet
+from ._base import ConvNeXtMacroNet, drop_path_rates, factory_device
+from ._pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_model_with_cfg, pretrained_cfg
 from ._registry import register_model
 
-__all__ = ["UniRepLKNet", "UniRepLKNetBlock", "DEFAULT_KERNEL_SIZES", "TEST_MODELS"]
+__all__ = ["UniRepLKNet", "UniRepLKNetBlock", "DEFAULT_KERNEL_SIZES", "model_cfgs", "default_cfgs",
+           "checkpoint_filter_fn", "TEST_MODELS"]
 
 
 class UniRepLKNetBlock(nn.Module):
@@ -144,6 +153,8 @@ class UniRepLKNet(ConvNeXtMacroNet):
         kernel_sizes: per-stage tuples of per-block kernel sizes; ``None`` takes the official default for
             ``depths`` (:data:`DEFAULT_KERNEL_SIZES`).
         in_chans, num_classes: input channels, classes (0: no classifier; ``forward`` returns features).
+        global_pool: ``"avg"`` (official), ``"max"``, ``"avgmax"`` or ``""`` (unpooled maps).
+        drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linear over all blocks.
         layer_scale_init_value: initial layer-scale value (``None``/0: no layer scale).
         head_init_scale: multiplies the initial classifier weight and bias.
@@ -151,6 +162,7 @@ class UniRepLKNet(ConvNeXtMacroNet):
         sync_bn: SyncBatchNorm.
         deploy: build the deploy form directly (to load deploy-form weights).
         features_only, out_indices: return the per-stage feature maps (strides 4/8/16/32) after a LayerNorm.
+        output_stride: 32 only. device, dtype: where and in which dtype the parameters are created.
 
     Input (B, in_chans, H, W), H, W >= 32; output logits (B, num_classes).
     """
@@ -162,6 +174,8 @@ class UniRepLKNet(ConvNeXtMacroNet):
         kernel_sizes: Sequence[Sequence[int]] | None = None,
         in_chans: int = 3,
         num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         layer_scale_init_value: float | None = 1e-6,
         head_init_scale: float = 1.0,
@@ -169,9 +183,13 @@ class UniRepLKNet(ConvNeXtMacroNet):
         sync_bn: bool = False,
         deploy: bool = False,
         features_only: bool = False,
-        out_indices: Sequence[int] | None = None,
+        out_indices: int | Sequence[int] | None = None,
+        output_stride: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(in_chans=in_chans, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate,
+                         output_stride=output_stride)
         depths, dims = tuple(int(d) for d in depths), tuple(int(d) for d in dims)
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"UniRepLKNet needs 4 stages: got depths={depths}, dims={dims}")
@@ -194,33 +212,93 @@ class UniRepLKNet(ConvNeXtMacroNet):
             in_chans=in_chans, num_classes=num_classes, drop_path_rate=drop_path_rate,
             layer_scale_init_value=layer_scale_init_value, head_init_scale=head_init_scale,
             ffn_ratio=ffn_ratio, sync_bn=sync_bn, deploy=deploy, features_only=features_only,
-            out_indices=None if out_indices is None else list(out_indices),
+            out_indices=None if out_indices is None or isinstance(out_indices, int) else list(out_indices),
         )
-        self.in_chans, self.num_classes = in_chans, num_classes
         self.depths, self.dims, self.kernel_sizes = depths, dims, kernel_sizes
-
-        self._build_stem(in_chans, dims, "conv")
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-        self.stages = nn.ModuleList()
-        cur = 0
-        for i in range(4):
-            self.stages.append(nn.Sequential(*[
-                UniRepLKNetBlock(dims[i], kernel_sizes[i][j], drop_path=rates[cur + j],
-                                 layer_scale_init_value=layer_scale_init_value, ffn_ratio=ffn_ratio,
-                                 sync_bn=sync_bn, deploy=deploy)
-                for j in range(depths[i])
-            ]))
-            cur += depths[i]
-        self._build_head(dims, num_classes)
-        self._finish_init(head_init_scale, features_only, out_indices)
+        with factory_device(device):
+            self._build_stem(in_chans, dims, "conv")
+            self.stages = nn.ModuleList(
+                nn.Sequential(*[
+                    UniRepLKNetBlock(dims[i], kernel_sizes[i][j], drop_path=rate,
+                                     layer_scale_init_value=layer_scale_init_value, ffn_ratio=ffn_ratio,
+                                     sync_bn=sync_bn, deploy=deploy)
+                    for j, rate in enumerate(rates)
+                ])
+                for i, rates in enumerate(drop_path_rates(drop_path_rate, depths))
+            )
+            self._build_head(dims)
+            self._finish_init(head_init_scale, features_only, out_indices, device, dtype)
 
 
-# ---------------------------------------------------------------------------------------- configs
-def _create(name: str, cfg: dict, **kwargs) -> UniRepLKNet:
-    return UniRepLKNet(**{**cfg, **kwargs})
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: UniRepLKNet) -> dict[str, torch.Tensor]:
+    """An official UniRepLKNet checkpoint (classification, deploy form, or the backbone of an official COCO /
+    ADE20K checkpoint) -> this model's keys; lkvision checkpoints pass unchanged. The official key map lives in
+    :mod:`lkvision.compat.unireplknet`."""
+    from ..compat import checkpoint_filter  # compat builds on this module: imported when weights are loaded
+
+    return checkpoint_filter("unireplknet", state_dict, model)
 
 
-UNIREPLKNET_CONFIGS: dict[str, dict] = {
+def _create_unireplknet(variant: str, pretrained: bool = False, **kwargs) -> UniRepLKNet:
+    """Build the registered ``variant`` (its ``model_cfgs`` entry, overridden by ``kwargs``)."""
+    return build_model_with_cfg(UniRepLKNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **{**model_cfgs[variant], **kwargs})
+
+
+# -------------------------------------------------------------------------------------- pretrained cfgs
+# The official files on the Hugging Face Hub (names from the official unireplknet.py and the detection /
+# segmentation READMEs). "in22k" = ImageNet-22K (21841 classes); 384 models are evaluated by resizing to
+# 384x384 without cropping (ConvNeXt's protocol: crop_pct 1.0, "squash").
+_HUB = "DingXiaoH/UniRepLKNet"
+_CFG = dict(first_conv="stem.0", classifier="head", license="apache-2.0", paper_ids="arXiv:2311.15599",
+            paper_name="UniRepLKNet: A Universal Perception Large-Kernel ConvNet for Audio, Video, Point Cloud, "
+                       "Time-Series and Image Recognition (CVPR 2024)",
+            origin_url="https://github.com/AILab-CVC/UniRepLKNet", mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD)
+_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0, crop_mode="squash")
+_22K = dict(num_classes=21841)
+_192 = dict(input_size=(3, 192, 192), pool_size=(6, 6))
+_DOWNSTREAM = dict(num_classes=0, classifier=None, notes=(
+    "backbone of an official downstream checkpoint (head not included); use features_only=True to get the "
+    "per-stage norms of the official detector/segmenter",))
+
+
+def _hub(filename: str, **kwargs) -> dict:
+    return pretrained_cfg(**{**_CFG, **kwargs}, hf_hub_id=_HUB, hf_hub_filename=filename)
+
+
+default_cfgs: dict[str, dict] = {
+    "unireplknet_a.in1k": _hub("unireplknet_a_in1k_224_acc77.03.pth"),
+    "unireplknet_f.in1k": _hub("unireplknet_f_in1k_224_acc78.58.pth"),
+    "unireplknet_p.in1k": _hub("unireplknet_p_in1k_224_acc80.23.pth"),
+    "unireplknet_n.in1k": _hub("unireplknet_n_in1k_224_acc81.64.pth"),
+    "unireplknet_t.in1k": _hub("unireplknet_t_in1k_224_acc83.21.pth"),
+    "unireplknet_t.in1k_ade20k_upernet_512": _hub("upernet_unireplknet_t_512_160k_ade20k_miou48.56.pth",
+                                                  **_DOWNSTREAM, input_size=(3, 512, 512), pool_size=(16, 16)),
+    "unireplknet_t.in1k_coco_cascade_mask_rcnn": _hub("casc_mask_rcnn_unireplknet_t_in1k_3x_coco_ap51.75.pth",
+                                                      **_DOWNSTREAM),
+    "unireplknet_s.in1k": _hub("unireplknet_s_in1k_224_acc83.91.pth"),
+    "unireplknet_s.in22k_ft_in1k_384": _hub("unireplknet_s_in22k_to_in1k_384_acc86.44.pth", **_384),
+    "unireplknet_s.in22k": pretrained_cfg(**_CFG, **_22K, notes=(
+        "the authors report this checkpoint lost (official README); no file to download",)),
+    "unireplknet_b.in22k_ft_in1k_384": _hub("unireplknet_b_in22k_to_in1k_384_acc87.40.pth", **_384),
+    "unireplknet_b.in22k": _hub("unireplknet_b_in22k_pretrain.pth", **_22K),
+    "unireplknet_b.in22k_ade20k_upernet_640": _hub("upernet_unireplknet_b_in22k_640_160k_ade20k_miou53.52.pth",
+                                                   **_DOWNSTREAM, input_size=(3, 640, 640), pool_size=(20, 20)),
+    "unireplknet_l.in22k_ft_in1k_384": _hub("unireplknet_l_in22k_to_in1k_384_acc87.88.pth", **_384),
+    "unireplknet_l.in22k": _hub("unireplknet_l_in22k_pretrain.pth", **_22K, **_192),
+    "unireplknet_xl.in22k": _hub("unireplknet_xl_in22k_pretrain.pth", **_22K, **_192),
+    "unireplknet_xl.in22k_coco_cascade_mask_rcnn": _hub(
+        "casc_mask_rcnn_unireplknet_xl_in22k_3x_coco_ap56.39.pth", **_DOWNSTREAM),
+    "unireplknet_xl.in22k_ft_in1k_384": pretrained_cfg(**_CFG, **_384, notes=(
+        "the authors report this checkpoint lost (official README); no file to download",)),
+    "unireplknet_test": pretrained_cfg(**_CFG, input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0,
+                                       notes=("CPU test configuration (not published)",)),
+}
+
+
+# ----------------------------------------------------------------------------------- registered variants
+model_cfgs: dict[str, dict] = {
     "unireplknet_a": dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320)),
     "unireplknet_f": dict(depths=(2, 2, 6, 2), dims=(48, 96, 192, 384)),
     "unireplknet_p": dict(depths=(2, 2, 6, 2), dims=(64, 128, 256, 512)),
@@ -228,6 +306,8 @@ UNIREPLKNET_CONFIGS: dict[str, dict] = {
     "unireplknet_t": dict(depths=(3, 3, 18, 3), dims=(80, 160, 320, 640)),
     "unireplknet_s": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)),
     "unireplknet_b": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
+    "unireplknet_l": dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)),
+    "unireplknet_xl": dict(depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048)),
     # tiny CPU configuration for tests (covers 3x3, 5x5 and several dilated sizes)
     "unireplknet_test": dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64),
                              kernel_sizes=((3,), (9,), (13, 5), (7,))),
@@ -235,51 +315,63 @@ UNIREPLKNET_CONFIGS: dict[str, dict] = {
 
 
 @register_model
-def unireplknet_a(**kwargs) -> UniRepLKNet:
+def unireplknet_a(pretrained: bool = False, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-A (4.4M params)."""
-    return _create("unireplknet_a", UNIREPLKNET_CONFIGS["unireplknet_a"], **kwargs)
+    return _create_unireplknet("unireplknet_a", pretrained, **kwargs)
 
 
 @register_model
-def unireplknet_f(**kwargs) -> UniRepLKNet:
+def unireplknet_f(pretrained: bool = False, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-F (6.2M params)."""
-    return _create("unireplknet_f", UNIREPLKNET_CONFIGS["unireplknet_f"], **kwargs)
+    return _create_unireplknet("unireplknet_f", pretrained, **kwargs)
 
 
 @register_model
-def unireplknet_p(**kwargs) -> UniRepLKNet:
+def unireplknet_p(pretrained: bool = False, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-P (10.7M params)."""
-    return _create("unireplknet_p", UNIREPLKNET_CONFIGS["unireplknet_p"], **kwargs)
+    return _create_unireplknet("unireplknet_p", pretrained, **kwargs)
 
 
 @register_model
-def unireplknet_n(**kwargs) -> UniRepLKNet:
+def unireplknet_n(pretrained: bool = False, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-N (18.3M params)."""
-    return _create("unireplknet_n", UNIREPLKNET_CONFIGS["unireplknet_n"], **kwargs)
+    return _create_unireplknet("unireplknet_n", pretrained, **kwargs)
 
 
 @register_model
-def unireplknet_t(**kwargs) -> UniRepLKNet:
+def unireplknet_t(pretrained: bool = False, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-T (31M params, 4.9 GMACs at 224; deploy-form counts)."""
-    return _create("unireplknet_t", UNIREPLKNET_CONFIGS["unireplknet_t"], **kwargs)
+    return _create_unireplknet("unireplknet_t", pretrained, **kwargs)
 
 
 @register_model
-def unireplknet_s(**kwargs) -> UniRepLKNet:
+def unireplknet_s(pretrained: bool = False, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-S (56M params, 9.1 GMACs at 224; deploy-form counts)."""
-    return _create("unireplknet_s", UNIREPLKNET_CONFIGS["unireplknet_s"], **kwargs)
+    return _create_unireplknet("unireplknet_s", pretrained, **kwargs)
 
 
 @register_model
-def unireplknet_b(**kwargs) -> UniRepLKNet:
+def unireplknet_b(pretrained: bool = False, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-B (98M params)."""
-    return _create("unireplknet_b", UNIREPLKNET_CONFIGS["unireplknet_b"], **kwargs)
+    return _create_unireplknet("unireplknet_b", pretrained, **kwargs)
 
 
 @register_model
-def unireplknet_test(**kwargs) -> UniRepLKNet:
+def unireplknet_l(pretrained: bool = False, **kwargs) -> UniRepLKNet:
+    """UniRepLKNet-L (218M params; ImageNet-22K pretraining at 192, fine-tuned at 384)."""
+    return _create_unireplknet("unireplknet_l", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_xl(pretrained: bool = False, **kwargs) -> UniRepLKNet:
+    """UniRepLKNet-XL (386M params; ImageNet-22K pretraining at 192)."""
+    return _create_unireplknet("unireplknet_xl", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_test(pretrained: bool = False, **kwargs) -> UniRepLKNet:
     """Tiny UniRepLKNet for CPU tests (not a published configuration)."""
-    return _create("unireplknet_test", UNIREPLKNET_CONFIGS["unireplknet_test"], **kwargs)
+    return _create_unireplknet("unireplknet_test", pretrained, **kwargs)
 
 
 #: tiny CPU configurations iterated by the generic model tests (name -> constructor kwargs).

@@ -9,7 +9,7 @@ Paths (``impl``):
   * ``"channels_last"``: ``F.conv2d`` on a channels_last copy (oneDNN / cuDNN NHWC kernels), PyTorch autograd.
   * ``"custom"``: ``F.conv2d`` forward with our own backward (see :func:`dwconv2d_grad_input` and
     :func:`dwconv2d_grad_weight`); PyTorch's CPU backward of large strip depth-wise convs is slow.
-  * ``"triton"``: ``lkvision.ops.kernels.triton_dwconv.dwconv2d``; a RuntimeError with the reason where its
+  * ``"triton"``: ``lkvision.ops.kernels.triton_dwconv.triton_dwconv2d``; a RuntimeError with the reason where its
     can_run check fails, ``KernelError`` where a kernel fails.
   * ``"auto"``: CPU -> ``"custom"`` (measured once, see docs/ops.md); CUDA -> the fastest of ``"triton"`` (where
     its can_run check passes), ``"channels_last"`` and ``"torch"``, timed per problem (device, dtype, layout,
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import autoselect
+from ._fx import fx_leaf
 from .kernels._common import autocast_inputs
 
 __all__ = ["dwconv2d", "normalize_padding", "dwconv2d_grad_input", "dwconv2d_grad_weight", "DWCONV_IMPLS"]
@@ -129,7 +130,7 @@ def _forward_impl(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[in
     if impl == "triton":
         from lkvision.ops.kernels import triton_dwconv
 
-        return triton_dwconv.dwconv2d(x, weight, bias, pad4, fallback=fallback)
+        return triton_dwconv.triton_dwconv2d(x, weight, bias, pad4, fallback=fallback)
     if impl in ("channels_last", "custom"):
         # the NHWC kernels (oneDNN on CPU, cuDNN on CUDA) are by far the fastest for large strips
         return _conv_any_pad(_to_channels_last(x), weight, bias, pad4)
@@ -307,6 +308,7 @@ _register_flop_formulas()
 
 
 # ----------------------------------------------------------------------------------------------- public API
+@fx_leaf
 def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: PaddingArg = "same", *,
              impl: str = "auto") -> Tensor:
     """Depth-wise 2-D convolution (cross-correlation), stride 1, dilation 1, groups = C.

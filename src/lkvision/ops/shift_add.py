@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import autoselect
+from ._fx import fx_leaf
 from .dwconv import DWCONV_IMPLS, _device_name, _memory_layout, dwconv2d, normalize_padding
 from .kernels._common import autocast_dtype, autocast_inputs
 
@@ -58,13 +59,15 @@ def _extra_pad(small_kernel: int) -> int:
     return (small_kernel - 1) - small_kernel // 2
 
 
-def strip_paddings(big_kernel: int, small_kernel: int = 3
+def strip_paddings(big_kernel: int, small_kernel: int = 3, strip_len: int | None = None
                    ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """F.pad-style (left, right, top, bottom) paddings of the horizontal (k x L) and vertical (L x k) strips.
 
-    The horizontal footprint is columns [x - mid, x - mid + L - 1] (M=49, k=3: -24..+26)."""
-    nk = num_blocks(big_kernel, small_kernel)
-    L, mid, h = small_kernel * nk, big_kernel // 2, small_kernel // 2
+    The one definition of the SW strip geometry (the ops, the Triton kernels, the layer's deploy form and the
+    kernel analysis use it): the horizontal footprint is columns [x - mid, x - mid + L - 1] (M=49, k=3:
+    -24..+26), L = ``strip_len`` (default k * ceil(M / k))."""
+    L = small_kernel * num_blocks(big_kernel, small_kernel) if strip_len is None else strip_len
+    mid, h = big_kernel // 2, small_kernel // 2
     return (mid, L - 1 - mid, h, h), (h, h, mid, L - 1 - mid)
 
 
@@ -126,7 +129,8 @@ def _block_index(pad_hv: Tensor, big_kernel: int, small_kernel: int) -> Tensor:
     mid, pad = big_kernel // 2, small_kernel - 1
     d = (mid - pad) - pad_hv.to(torch.int64)
     blk = torch.div(d, small_kernel, rounding_mode="floor")
-    if not torch.compiler.is_compiling() and bool(((d % small_kernel != 0) | (blk < 0) | (blk >= nk)).any()):
+    checkable = not torch.compiler.is_compiling() and pad_hv.device.type != "meta"  # meta tensors hold no values
+    if checkable and bool(((d % small_kernel != 0) | (blk < 0) | (blk >= nk)).any()):
         raise ValueError(f"shift-add: pad_hv holds offsets that are not in shift_offsets({big_kernel}, "
                          f"{small_kernel}) = {shift_offsets(big_kernel, small_kernel)}")
     return blk
@@ -179,7 +183,7 @@ def _compute_assignment_matrices(pad_hv: Tensor, idx_identit: Tensor, big_kernel
     onehot = _one_hot(blk, nk, dtype).reshape(channels, nk, 2, edges, nk)  # c, j, dir, e, i
     a = onehot.sum(3).permute(2, 0, 3, 1)  # dir, c, i, j
     ident = idx_identit.to(device=device, dtype=torch.int64) - torch.arange(channels, device=device)[:, None] * nk
-    if not torch.compiler.is_compiling() and bool(((ident < 0) | (ident >= nk)).any()):
+    if not torch.compiler.is_compiling() and ident.device.type != "meta" and bool(((ident < 0) | (ident >= nk)).any()):
         raise ValueError("shift-add: idx_identit[c, e] must lie in [c*nk, (c+1)*nk) (a filter of channel c)")
     a_s = _one_hot(ident, nk, dtype).sum(1)  # (R, nk)
     # the three stacked, so that folding a weight is one batched matmul: (R, 2*nk + 1, nk)
@@ -390,6 +394,7 @@ def shiftwise_strips(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, big_kernel: 
             dwconv2d(x, ks, None, "same", impl=impl))
 
 
+@fx_leaf
 def shiftwise_conv(x: Tensor, weight: Tensor, pad_hv: Tensor, idx_identit: Tensor, big_kernel: int,
                    small_kernel: int = 3, *, impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """Grouped k x k conv (one input channel -> nk filters, padding k-1) followed by shift-add.
@@ -431,8 +436,8 @@ def shiftwise_conv(x: Tensor, weight: Tensor, pad_hv: Tensor, idx_identit: Tenso
         return shiftwise_strips(x, kh, kv, ks, big_kernel, k)
 
     def fused(x_, kh_, kv_, ks_, fallback=""):  # fallback "": a kernel failure raises (timing, impl="triton")
-        return _triton_modules()[1].shiftwise_strips(x_, kh_, kv_, ks_, None, big_kernel, k, separate=True,
-                                                     fallback=fallback)
+        return _triton_modules()[1].fused_strips(x_, kh_, kv_, ks_, None, big_kernel, k, separate=True,
+                                                 fallback=fallback)
 
     def strips(x_, kh_, kv_, ks_):
         return shiftwise_strips(x_, kh_, kv_, ks_, big_kernel, k)
@@ -451,6 +456,7 @@ def shiftwise_conv(x: Tensor, weight: Tensor, pad_hv: Tensor, idx_identit: Tenso
     return fused(x, kh, kv, ks, fallback)
 
 
+@fx_leaf
 def shiftwise_deploy_conv(x: Tensor, weight_h: Tensor, bias_h: Tensor | None, weight_v: Tensor,
                           bias_v: Tensor | None, padding_h, padding_v, *, impl: str = "auto") -> Tensor:
     """The deploy form of a Shiftwise layer: ``dwconv(x, weight_h, bias_h, padding_h) + dwconv(x, weight_v,

@@ -10,7 +10,7 @@ checks that return a reason string, or None when it can):
 * :func:`can_run_dwconv2d`, :func:`can_run_dwconv2d_sum`, :func:`can_run_shiftwise`: the platform plus shapes,
   devices and the launch limits of every kernel the call (and its backward) would launch.
 
-Submodules (import lazily): ``triton_dwconv.dwconv2d`` / ``dwconv2d_sum`` and ``triton_shiftwise.shiftwise_strips``.
+Submodules (import lazily): ``triton_dwconv.triton_dwconv2d`` / ``dwconv2d_sum`` and ``triton_shiftwise.fused_strips``.
 A kernel that fails at run time raises :class:`KernelError` when it was requested explicitly, and falls back to
 PyTorch with one warning under ``impl="auto"`` (see ``_common.run_guarded`` and docs/kernels.md).
 """
@@ -49,7 +49,7 @@ def _check_failed(what: str, exc: Exception) -> str:
 # turn an import failure or a failing check into the reason: an optional backend never breaks the op that asks.
 def can_run_dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: Sequence[int], *,
                      needs_grad: bool = False) -> str | None:
-    """Why ``triton_dwconv.dwconv2d`` cannot serve this problem (None: it can). ``padding`` is F.pad-style
+    """Why ``triton_dwconv.triton_dwconv2d`` cannot serve this problem (None: it can). ``padding`` is F.pad-style
     (left, right, top, bottom); ``needs_grad`` also checks the backward kernels."""
     try:
         from . import triton_dwconv
@@ -73,7 +73,7 @@ def can_run_dwconv2d_sum(x: torch.Tensor, weights: Sequence[torch.Tensor], bias:
 def can_run_shiftwise(x: torch.Tensor, kh: torch.Tensor, kv: torch.Tensor, ks: torch.Tensor,
                       bias: torch.Tensor | None, big_kernel: int, small_kernel: int = 3, *, separate: bool = True,
                       needs_grad: bool = False) -> str | None:
-    """Why ``triton_shiftwise.shiftwise_strips`` cannot serve this problem (None: it can)."""
+    """Why ``triton_shiftwise.fused_strips`` cannot serve this problem (None: it can)."""
     try:
         from . import triton_shiftwise
 

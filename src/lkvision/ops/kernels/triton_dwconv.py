@@ -1,6 +1,6 @@
 """Triton depth-wise convolution (stride 1, any KH x KW, asymmetric zero padding), forward and both backwards.
 
-Public entry point: :func:`dwconv2d` (differentiable through the torch.library custom op
+Public entry point: :func:`triton_dwconv2d` (differentiable through the torch.library custom op
 ``lkvision::triton_dwconv2d``). The generic kernels here are shared with :mod:`.triton_shiftwise`:
 
 * ``_dw_fwd_kernel``: up to three depth-wise terms (each with its own input, kernel and offsets) summed
@@ -44,8 +44,8 @@ from ._common import (
     same_device_reason,
 )
 
-__all__ = ["dwconv2d", "dwconv2d_sum", "dwconv2d_reference", "dwconv_forward_terms", "dwconv_grad_weight", "can_run",
-           "can_run_sum", "launch_reason", "forward_plan", "LAUNCHES", "HAS_TRITON"]
+__all__ = ["triton_dwconv2d", "dwconv2d_sum", "dwconv2d_reference", "dwconv_forward_terms", "dwconv_grad_weight",
+           "can_run", "can_run_sum", "launch_reason", "forward_plan", "LAUNCHES", "HAS_TRITON"]
 
 try:  # triton is optional: the module must import without it
     import triton
@@ -986,8 +986,8 @@ _dwconv2d_sum_op.register_autograd(_dwconv2d_sum_backward, setup_context=_dwconv
 # ----------------------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------------------
-def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: Sequence[int], *,
-             fallback: str = "") -> Tensor:
+def triton_dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: Sequence[int], *,
+                    fallback: str = "") -> Tensor:
     """Depth-wise conv, stride 1: x (B, C, H, W) (NCHW, channels_last or strided), weight (C, 1, KH, KW),
     bias (C,) or None, ``padding`` = F.pad-style (left, right, top, bottom).
 

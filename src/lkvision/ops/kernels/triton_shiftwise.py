@@ -6,7 +6,8 @@ With the shift-add op folded into depth-wise kernels, one SW layer on the rep ch
     V = x (*) kv   kv (R, 1, L, k), padded (left=k//2, right=k//2, top=mid, bottom=L-1-mid)
     S = x (*) ks   ks (R, 1, k, k), 'same'
 
-with L = k * ceil(M / k), mid = M // 2 (M = ``big_kernel``). :func:`shiftwise_strips` computes the three
+with L = k * ceil(M / k), mid = M // 2 (M = ``big_kernel``; paddings from :func:`lkvision.ops.strip_paddings`).
+:func:`fused_strips` computes the three
 terms in ONE kernel launch (each output tile reads its input window once through the cache and is written
 once):
 
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..shift_add import strip_paddings
 from . import _common
 from ._common import (
     SUPPORTED_DTYPES,
@@ -37,56 +39,53 @@ from ._common import (
 )
 from .triton_dwconv import _grad_input_terms, _use_kernels, dwconv2d_reference, dwconv_forward_terms, launch_reason
 
-__all__ = ["shiftwise_strips", "shiftwise_strips_reference", "strip_paddings", "can_run"]
+__all__ = ["fused_strips", "fused_strips_reference", "can_run"]
 
 
-def strip_paddings(k: int, strip_len: int, big_kernel: int) -> tuple[list[int], list[int], list[int]]:
+def _term_paddings(kh: Tensor, big_kernel: int) -> list[list[int]]:
     """F.pad-style (left, right, top, bottom) paddings of the horizontal, vertical and small terms."""
-    mid = big_kernel // 2
-    h = [mid, strip_len - 1 - mid, k // 2, k // 2]
-    v = [k // 2, k // 2, mid, strip_len - 1 - mid]
-    s = [k // 2, k // 2, k // 2, k // 2]
-    return h, v, s
+    k, strip_len = kh.shape[2], kh.shape[3]
+    pad_h, pad_v = strip_paddings(big_kernel, k, strip_len)
+    return [list(pad_h), list(pad_v), [k // 2] * 4]
 
 
 def _check(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None, big_kernel: int,
            small_kernel: int) -> None:
     if x.dim() != 4:
-        raise ValueError(f"shiftwise_strips: expected x of shape (B, R, H, W), got {tuple(x.shape)}")
+        raise ValueError(f"fused_strips: expected x of shape (B, R, H, W), got {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"shiftwise_strips: unsupported dtype {x.dtype}; use float32/float16/bfloat16")
+        raise TypeError(f"fused_strips: unsupported dtype {x.dtype}; use float32/float16/bfloat16")
     r = x.shape[1]
     k = small_kernel
     if k % 2 != 1:
-        raise ValueError(f"shiftwise_strips: small_kernel must be odd, got {k}")
+        raise ValueError(f"fused_strips: small_kernel must be odd, got {k}")
     if kh.dim() != 4 or kh.shape[0] != r or kh.shape[1] != 1 or kh.shape[2] != k:
-        raise ValueError(f"shiftwise_strips: kh must have shape ({r}, 1, {k}, L), got {tuple(kh.shape)}")
+        raise ValueError(f"fused_strips: kh must have shape ({r}, 1, {k}, L), got {tuple(kh.shape)}")
     strip_len = kh.shape[3]
     if tuple(kv.shape) != (r, 1, strip_len, k):
-        raise ValueError(f"shiftwise_strips: kv must have shape ({r}, 1, {strip_len}, {k}), got {tuple(kv.shape)}")
+        raise ValueError(f"fused_strips: kv must have shape ({r}, 1, {strip_len}, {k}), got {tuple(kv.shape)}")
     if tuple(ks.shape) != (r, 1, k, k):
-        raise ValueError(f"shiftwise_strips: ks must have shape ({r}, 1, {k}, {k}), got {tuple(ks.shape)}")
+        raise ValueError(f"fused_strips: ks must have shape ({r}, 1, {k}, {k}), got {tuple(ks.shape)}")
     if not 0 <= big_kernel // 2 < strip_len:
-        raise ValueError(f"shiftwise_strips: big_kernel={big_kernel} needs mid={big_kernel // 2} < L={strip_len}")
+        raise ValueError(f"fused_strips: big_kernel={big_kernel} needs mid={big_kernel // 2} < L={strip_len}")
     if bias is not None and tuple(bias.shape) != (r,):
-        raise ValueError(f"shiftwise_strips: bias must have shape ({r},), got {tuple(bias.shape)}")
+        raise ValueError(f"fused_strips: bias must have shape ({r},), got {tuple(bias.shape)}")
 
 
 def _offsets(kh: Tensor, big_kernel: int) -> list[tuple[int, int]]:
     """(top, left) offsets of the three terms."""
-    k, strip_len = kh.shape[2], kh.shape[3]
     return [(left_right_top_bottom[2], left_right_top_bottom[0])
-            for left_right_top_bottom in strip_paddings(k, strip_len, big_kernel)]
+            for left_right_top_bottom in _term_paddings(kh, big_kernel)]
 
 
 def _layout(x: Tensor) -> torch.memory_format:
     return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
-def shiftwise_strips_reference(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None,
+def fused_strips_reference(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None,
                                big_kernel: int, separate: bool = True):
     """Three depth-wise ``F.conv2d`` calls (the PyTorch definition the kernel must match)."""
-    ph, pv, ps = strip_paddings(kh.shape[2], kh.shape[3], big_kernel)
+    ph, pv, ps = _term_paddings(kh, big_kernel)
     h = dwconv2d_reference(x, kh, None, ph)
     v = dwconv2d_reference(x, kv, None, pv)
     s = dwconv2d_reference(x, ks, None, ps)
@@ -100,7 +99,7 @@ def shiftwise_strips_reference(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bi
 
 def can_run(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None, big_kernel: int,
             small_kernel: int = 3, *, separate: bool = True, needs_grad: bool = False) -> str | None:
-    """Why :func:`shiftwise_strips` cannot run its Triton kernels on this problem, or None when it can
+    """Why :func:`fused_strips` cannot run its Triton kernels on this problem, or None when it can
     (platform, devices, shapes, and the launch limits of the forward and, with ``needs_grad``, backward kernels;
     see :func:`lkvision.ops.kernels.triton_dwconv.can_run`)."""
     why = _common.platform_reason(x) or same_device_reason(x, kh, kv, ks, bias)
@@ -109,7 +108,7 @@ def can_run(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None, 
     try:
         _check(x, kh, kv, ks, bias, big_kernel, small_kernel)
         if separate and bias is not None:
-            raise ValueError("shiftwise_strips: bias is only used with separate=False (the deploy form)")
+            raise ValueError("fused_strips: bias is only used with separate=False (the deploy form)")
     except (ValueError, TypeError) as exc:
         return str(exc)
     return launch_reason(x.shape, x.stride(), [tuple(w.shape[-2:]) for w in (kh, kv, ks)], tuple(x.shape[-2:]),
@@ -126,7 +125,7 @@ def _shiftwise_op(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, big_kernel: int
     def reference():
         fmt = _layout(x)
         return tuple(t.contiguous(memory_format=fmt)
-                     for t in shiftwise_strips_reference(x, kh, kv, ks, None, big_kernel, separate=True))
+                     for t in fused_strips_reference(x, kh, kv, ks, None, big_kernel, separate=True))
 
     if not _use_kernels(x):
         return reference()
@@ -147,7 +146,7 @@ def _(x, kh, kv, ks, big_kernel, fallback):
 def _shiftwise_fused_op(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None,
                         big_kernel: int, fallback: str) -> Tensor:
     def reference() -> Tensor:
-        out = shiftwise_strips_reference(x, kh, kv, ks, bias, big_kernel, separate=False)
+        out = fused_strips_reference(x, kh, kv, ks, bias, big_kernel, separate=False)
         return out.contiguous(memory_format=_layout(x))
 
     def launch() -> Tensor:
@@ -171,7 +170,7 @@ def _(x, kh, kv, ks, bias, big_kernel, fallback):
 def _shiftwise_grad_input_op(gh: Tensor, gv: Tensor, gs: Tensor, kh: Tensor, kv: Tensor, ks: Tensor,
                              big_kernel: int, add_identity: bool, channels_last: bool, fallback: str) -> Tensor:
     """dx = H^T gh + V^T gv + S^T gs (+ gh when add_identity; the deploy form passes gh = gv = gs = g)."""
-    return _grad_input_terms([gh, gv, gs], [kh, kv, ks], strip_paddings(kh.shape[2], kh.shape[3], big_kernel),
+    return _grad_input_terms([gh, gv, gs], [kh, kv, ks], _term_paddings(kh, big_kernel),
                              gh.shape[-2:], channels_last, add_identity,
                              kernel="lkvision::triton_shiftwise_grad_input (backward)", fallback=fallback)
 
@@ -183,7 +182,7 @@ def _(gh, gv, gs, kh, kv, ks, big_kernel, add_identity, channels_last, fallback)
 
 
 def _weight_grads(ctx, grads: Sequence[Tensor], x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor):
-    pads = strip_paddings(kh.shape[2], kh.shape[3], ctx.big_kernel)
+    pads = _term_paddings(kh, ctx.big_kernel)
     out = []
     for n, (g, w, pad) in enumerate(zip(grads, (kh, kv, ks), pads)):
         if ctx.needs_input_grad[1 + n]:
@@ -233,8 +232,8 @@ _shiftwise_fused_op.register_autograd(_shiftwise_fused_backward, setup_context=_
 # ----------------------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------------------
-def shiftwise_strips(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None, big_kernel: int,
-                     small_kernel: int = 3, separate: bool = True, *, fallback: str = ""):
+def fused_strips(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None, big_kernel: int,
+                 small_kernel: int = 3, separate: bool = True, *, fallback: str = ""):
     """Folded SW layer on the rep channels, one fused kernel.
 
     x (B, R, H, W) (NCHW or channels_last); kh (R, 1, k, L), kv (R, 1, L, k), ks (R, 1, k, k) with
@@ -250,6 +249,6 @@ def shiftwise_strips(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor
     _check(x, kh, kv, ks, bias, big_kernel, small_kernel)
     if separate:
         if bias is not None:
-            raise ValueError("shiftwise_strips: bias is only used with separate=False (the deploy form)")
+            raise ValueError("fused_strips: bias is only used with separate=False (the deploy form)")
         return torch.ops.lkvision.triton_shiftwise(x, kh, kv, ks, int(big_kernel), fallback)
     return torch.ops.lkvision.triton_shiftwise_fused(x, kh, kv, ks, bias, int(big_kernel), fallback)

@@ -1,0 +1,33 @@
+"""``torch.fx`` support: operators run as single graph nodes.
+
+The public ops validate their arguments and pick an implementation with Python control flow on shapes, dtypes
+and table values, which symbolic tracing cannot follow. :func:`fx_leaf` makes an op a leaf of the traced
+graph (what ``torch.fx.wrap`` does for module globals, but bound to the function, so it holds however the op
+is called): given an ``fx.Proxy`` argument, the wrapper records one ``call_function`` node; the traced
+``GraphModule`` then calls the op with real tensors, checks included.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+__all__ = ["fx_leaf"]
+
+F = TypeVar("F", bound=Callable)
+
+
+def fx_leaf(fn: F) -> F:
+    """Decorator: ``fn`` is recorded as one node when traced with ``torch.fx`` (see the module docstring)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.fx.Proxy):
+                return a.tracer.create_proxy("call_function", wrapper, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
