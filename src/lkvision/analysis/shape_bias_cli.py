@@ -7,7 +7,6 @@ Thin argument parsing over :mod:`lkvision.analysis.shape_bias`; writes ``shape_b
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -31,20 +30,14 @@ examples:
 
 def _model_kwargs(texts: list[str] | None, n: int) -> list[dict]:
     """One JSON object for every model, or one per model."""
+    from .cli import _kwargs
+
     if not texts:
         return [{} for _ in range(n)]
     if len(texts) not in (1, n):
         raise ValueError(f"give one --model-kwargs JSON for all models or one per model ({n}), got {len(texts)}")
-    out = []
-    for t in texts:
-        try:
-            kw = json.loads(t)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--model-kwargs must be a JSON object, got {t!r}: {e}") from e
-        if not isinstance(kw, dict):
-            raise ValueError(f"--model-kwargs must be a JSON object, got {t!r}")
-        out.append(kw)
-    return out * n if len(out) == 1 else out
+    out = [_kwargs(t) for t in texts]
+    return [dict(out[0]) for _ in range(n)] if len(out) == 1 else out
 
 
 def _labels(models: list[str], ckpts: list[str | None]) -> list[str]:
