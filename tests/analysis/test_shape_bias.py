@@ -23,7 +23,13 @@ from lkvision.analysis.shape_bias import (
     read_cue_conflict_folder,
     shape_bias,
 )
-from lkvision.data.cue_conflict import DIGIT_NAMES, digit_cue_conflict, render_cue_conflict, write_digit_cue_conflict
+from lkvision.data.cue_conflict import (
+    DIGIT_NAMES,
+    digit_cue_conflict,
+    digit_cue_controls,
+    render_cue_conflict,
+    write_digit_cue_conflict,
+)
 
 # ------------------------------------------------------------------------------------------------ metric
 
@@ -224,16 +230,33 @@ def test_render_known_answer():
     a = np.zeros((28, 28), np.uint8)
     a[4:24, 12:16] = 255                      # a bar: the shape
     b = np.zeros((28, 28), np.uint8)
-    b[5:20, 9:19] = 200                       # a block: its bounding box fills the motif
-    img = render_cue_conflict(a, b, canvas=64, shape_scale=2, tile=10, background=0.0, dilate=0)
-    # motif = b's box at full intensity everywhere, so the image is 255 exactly inside the silhouette
+    b[5:20, 9:19] = 200                       # a block: its bounding box is the (uniform) motif
+    img = render_cue_conflict(a, b, canvas=64, background=0.0, dilate=0)
     mask = torch.zeros(64, 64, dtype=torch.bool)
-    mask[4 + 8:4 + 48, 4 + 24:4 + 32] = True  # the bar scaled x2, centred (offset 4)
+    mask[18 + 4:18 + 24, 18 + 12:18 + 16] = True  # centred: offset (64 - 28) // 2
     assert img.dtype == torch.uint8 and img.shape == (64, 64)
     assert (img[mask] == 255).all() and (img[~mask] == 0).all()
-    # with background 1 the shape is gone: only the tiled texture remains
-    full = render_cue_conflict(a, b, background=1.0)
-    assert torch.equal(full, render_cue_conflict(np.full((28, 28), 255, np.uint8), b, background=1.0))
+    big = render_cue_conflict(a, b, canvas=64, shape_scale=2, background=0.0, dilate=1)
+    assert int((big > 0).sum()) == (40 + 2) * (8 + 2)  # the bar x2, dilated by one pixel
+    # a real texture: the motif (b's bounding box) repeats with its own period, whatever the shape
+    b2 = np.zeros((28, 28), np.uint8)
+    b2[3:10, 2:7] = np.arange(35, dtype=np.uint8).reshape(7, 5) * 7
+    full = render_cue_conflict(a, b2, background=1.0)
+    assert torch.equal(full, render_cue_conflict(np.full((28, 28), 255, np.uint8), b2, background=1.0))
+    assert torch.equal(full[:7, :5], full[7:14, 5:10]) and int(full.max()) == 255
+    half = render_cue_conflict(a, b2, background=0.5, dilate=0)
+    assert torch.equal(half[mask], full[mask])
+    assert (half[~mask].float() - full[~mask].float() * 0.5).abs().max() <= 0.5 + 1e-6
+
+
+def test_controls():
+    shape = list(digit_cue_controls("shape", per_class=2))
+    texture = list(digit_cue_controls("texture", per_class=2))
+    assert [c for c, _ in shape] == [c for c, _ in texture] == [c for c in range(10) for _ in range(2)]
+    assert all(set(img.unique().tolist()) <= {0, 255} for _, img in shape)  # white silhouette on black
+    assert all(float((img > 0).float().mean()) > 0.2 for _, img in texture)  # texture over the whole canvas
+    with pytest.raises(ValueError, match="kind must be"):
+        next(digit_cue_controls("colour"))
 
 
 def test_digit_set_is_deterministic_and_in_toolbox_layout(tmp_path):
@@ -265,6 +288,7 @@ def test_cli_bundled_digits_end_to_end(tmp_path):
     assert js["categories"] == "digits" and set(js["models"]) == {"replknet_nano #1", "replknet_nano #2"}
     rows = list(csv.DictReader((out / "shape_bias.csv").open()))
     for label, m in js["models"].items():
+        assert 0 <= m["shape_only_acc"] <= 1 and 0 <= m["texture_only_acc"] <= 1
         dec = m["decisions"]
         assert len(dec) == 90 and set(dec.values()) <= set(DIGIT_NAMES)
         trials = [(Path(k).parent.name, parse_cue_conflict_name(k)[1], d) for k, d in dec.items()]

@@ -39,8 +39,8 @@ from .images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, load_image
 
 __all__ = [
     "CUE_CONFLICT_URL", "CueConflictImage", "CategoryMapping", "ShapeBiasResult", "imagenet16_mapping",
-    "digit_mapping", "parse_cue_conflict_name", "read_cue_conflict_folder", "shape_bias", "model_decisions",
-    "plot_shape_bias",
+    "digit_mapping", "parse_cue_conflict_name", "read_cue_conflict_folder", "shape_bias", "batch_decisions",
+    "model_decisions", "plot_shape_bias",
 ]
 
 #: Where the 16-category cue-conflict images are published (model-vs-human release v0.1).
@@ -236,6 +236,17 @@ def shape_bias(trials: Iterable[tuple[str, str, str]], categories: Sequence[str]
 
 
 @torch.no_grad()
+def batch_decisions(model: nn.Module, batches: Iterable[torch.Tensor], mapping: CategoryMapping,
+                    device: str | torch.device = "cpu") -> list[str]:
+    """The model's category decision on every image of ``batches`` ((B, C, H, W) model inputs), in eval
+    mode without gradients."""
+    model.eval().to(device)
+    decisions: list[str] = []
+    for x in batches:
+        decisions += mapping.decide(model(x.to(device)).cpu())
+    return decisions
+
+
 def model_decisions(
     model: nn.Module,
     images: Sequence[CueConflictImage],
@@ -247,7 +258,7 @@ def model_decisions(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> list[str]:
-    """The model's category decision on every image (eval mode, no gradients).
+    """The model's category decision on every image file.
 
     Images are read as RGB, resized to ``resolution`` (bicubic; the toolbox's images are 224x224 and used as
     they are) and normalised with ``mean``/``std``; ``in_chans=1`` keeps the first channel (grey images).
@@ -256,13 +267,9 @@ def model_decisions(
         raise ValueError(f"in_chans must be 1 (grey) or 3 (RGB), got {in_chans}")
     mean3 = tuple(mean) * 3 if len(mean) == 1 else tuple(mean)
     std3 = tuple(std) * 3 if len(std) == 1 else tuple(std)
-    model.eval().to(device)
-    decisions: list[str] = []
-    for i in range(0, len(images), batch_size):
-        x = torch.stack([load_image(im.path, resolution, mean3, std3) for im in images[i:i + batch_size]])
-        logits = model(x[:, :in_chans].to(device))
-        decisions += mapping.decide(logits.cpu())
-    return decisions
+    batches = (torch.stack([load_image(im.path, resolution, mean3, std3) for im in images[i:i + batch_size]])
+               [:, :in_chans] for i in range(0, len(images), batch_size))
+    return batch_decisions(model, batches, mapping, device)
 
 
 def plot_shape_bias(results: Mapping[str, ShapeBiasResult], categories: Sequence[str], path: str | Path,

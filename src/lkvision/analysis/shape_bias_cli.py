@@ -46,6 +46,25 @@ def _labels(models: list[str], ckpts: list[str | None]) -> list[str]:
     return [f"{lab} #{labels[:i].count(lab) + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
 
 
+def _digit_controls(canvas: int, per_class: int, batch_size: int) -> dict[str, tuple[list, list[str]]]:
+    """The two one-cue control sets of the digit version: kind -> (input batches, true category names)."""
+    import torch
+
+    from ..data.bundled import BUNDLED_MEAN, BUNDLED_STD
+    from ..data.cue_conflict import DIGIT_NAMES, digit_cue_controls
+
+    out = {}
+    for kind in ("shape", "texture"):
+        pairs = list(digit_cue_controls(kind, per_class, canvas=canvas))
+        x = torch.stack([img for _, img in pairs]).float().div(255.0).sub(BUNDLED_MEAN[0]).div(BUNDLED_STD[0])
+        out[kind] = (list(x[:, None].split(batch_size)), [DIGIT_NAMES[c] for c, _ in pairs])
+    return out
+
+
+def _accuracy(decisions: list[str], labels: list[str]) -> float:
+    return sum(d == t for d, t in zip(decisions, labels)) / len(labels)
+
+
 def main(argv: list[str]) -> int:
     from ..data.bundled import BUNDLED_MEAN, BUNDLED_STD
     from .cli import _per_model, build_model
@@ -53,6 +72,7 @@ def main(argv: list[str]) -> int:
     from .plotting import format_table, save_csv, save_json
     from .shape_bias import (
         _NO_DATA_HINT,
+        batch_decisions,
         digit_mapping,
         imagenet16_mapping,
         model_decisions,
@@ -95,7 +115,7 @@ def main(argv: list[str]) -> int:
         from ..data.cue_conflict import write_digit_cue_conflict
 
         data = out / "digit_cue_conflict"
-        write_digit_cue_conflict(data, per_pair=args.per_pair)
+        write_digit_cue_conflict(data, per_pair=args.per_pair, canvas=args.resolution or 64)
     elif args.data:
         data = Path(args.data)
     else:
@@ -111,6 +131,7 @@ def main(argv: list[str]) -> int:
     digits = kind == "digits"
     resolution = args.resolution or (64 if digits else 224)
     in_chans, mean, std = (1, BUNDLED_MEAN, BUNDLED_STD) if digits else (3, IMAGENET_MEAN, IMAGENET_STD)
+    controls = _digit_controls(resolution, 9 * args.per_pair, args.batch_size) if args.bundled_digits else {}
 
     ckpts = _per_model(args.checkpoint, len(args.models), "checkpoint")
     kwargs = _model_kwargs(args.model_kwargs, len(args.models))
@@ -122,25 +143,30 @@ def main(argv: list[str]) -> int:
         model = build_model(name, ckpt, kw, False, args.device)
         decisions = model_decisions(model, images, cmap, resolution, in_chans, mean, std, args.batch_size,
                                     args.device)
+        control_acc = {f"{kind}_only_acc": _accuracy(batch_decisions(model, batches, cmap, args.device), labels_)
+                       for kind, (batches, labels_) in controls.items()}
         del model
         res = shape_bias(((im.shape, im.texture, d) for im, d in zip(images, decisions)), cmap.categories)
         results[label] = res
         summary_rows.append({"model": label, "shape_bias": res.shape_bias, "category_mean": res.category_mean,
                              "shape": res.shape_decisions, "texture": res.texture_decisions,
-                             "other": res.other_decisions, "conflict_images": res.conflict_images})
+                             "other": res.other_decisions, "conflict_images": res.conflict_images, **control_acc})
         for r in res.per_category:
             csv_rows.append({"model": label, **r})
         csv_rows.append({"model": label, "category": "all (pooled)", "images": res.conflict_images,
                          "shape": res.shape_decisions, "texture": res.texture_decisions,
                          "other": res.other_decisions, "shape_bias": res.shape_bias})
         csv_rows.append({"model": label, "category": "mean over categories", "shape_bias": res.category_mean})
-        decisions_json[label] = {**res.as_dict(), "decisions": {str(im.path.relative_to(data)): d
+        decisions_json[label] = {**res.as_dict(), **control_acc, "decisions": {str(im.path.relative_to(data)): d
                                                                 for im, d in zip(images, decisions)}}
 
     excluded = next(iter(results.values())).excluded_same_class
     print(f"shape bias on {len(images)} images of {data} ({kind}: {len(cmap.categories)} categories; "
           f"{excluded} same-class images excluded)")
     print(format_table(summary_rows))
+    if controls:
+        print("shape_only_acc / texture_only_acc: accuracy on the one-cue control images (silhouette alone, "
+              f"texture alone; {90 * args.per_pair} each) -- how well the model reads each cue by itself")
     per_cat = [{"category": c, **{lab: results[lab].per_category[i]["shape_bias"] for lab in results}}
                for i, c in enumerate(cmap.categories)]
     print(format_table(per_cat))
