@@ -279,7 +279,9 @@ def plot_shape_bias(results: Mapping[str, ShapeBiasResult], categories: Sequence
     from .plotting import _plt, _save_figure
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 0.32 * len(categories) + 1.6))
+    ncol = 2 if max((len(lab) for lab in results), default=0) <= 30 else 1
+    legend_rows = -(-len(results) // ncol)
+    fig, ax = plt.subplots(figsize=(6.4, 0.32 * len(categories) + 1.6 + 0.2 * legend_rows))
     ys = {c: i for i, c in enumerate(categories)}
     markers = "osD^v<>ph*"
     for k, (label, res) in enumerate(results.items()):
@@ -298,5 +300,5 @@ def plot_shape_bias(results: Mapping[str, ShapeBiasResult], categories: Sequence
     ax.set_xlabel("fraction of 'shape' decisions (shape bias); line = pooled mean")
     ax.grid(axis="y", ls=":", alpha=0.4)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.5 / max(len(categories), 1)),
-              ncol=2, frameon=False)
+              ncol=ncol, frameon=False)
     return _save_figure(fig, path, title)

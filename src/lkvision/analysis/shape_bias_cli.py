@@ -15,7 +15,7 @@ __all__ = ["main"]
 _EPILOG = """\
 data:
   No cue-conflict images ship with lkvision. The 16-category set of Geirhos et al. (1,280 images, as used by
-  RepLKNet Fig. 5) is published by the model-vs-human toolbox:
+  RepLKNet Fig. 5; 80 of them without conflict) is published by the model-vs-human toolbox:
     https://github.com/bethgelab/model-vs-human/releases/download/v0.1/cue-conflict.tar.gz
   Unpack it and pass the folder (layout <root>/<shape>/<shape><i>-<texture><j>.png) with --data.
   --bundled-digits instead generates an offline digit version from the bundled MNIST subset (shape of digit a,
