@@ -280,6 +280,8 @@ def _main(argv):
 
 def test_cli_bundled_digits_end_to_end(tmp_path):
     out = tmp_path / "out"
+    (out / "digit_cue_conflict" / "zero").mkdir(parents=True)  # an earlier run's image must not be read
+    _touch_png(out / "digit_cue_conflict" / "zero" / "zero99-one99.png")
     assert _main(["--bundled-digits", "--per-pair", "1", "--models", "replknet_nano", "replknet_nano",
                   "--model-kwargs", "{}", '{"small_kernel": null}', "--out-dir", str(out), "--batch-size", "90"]) == 0
     for f in ("shape_bias.png", "shape_bias.csv", "shape_bias.json"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 from pathlib import Path
 
 __all__ = ["main"]
@@ -97,7 +98,8 @@ def main(argv: list[str]) -> int:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", default=None, help="cue-conflict folder <root>/<shape>/<shape><i>-<texture><j>.png")
     src.add_argument("--bundled-digits", action="store_true",
-                     help="generate the offline digit cue-conflict set into <out-dir>/digit_cue_conflict and use it")
+                     help="generate the offline digit cue-conflict set into <out-dir>/digit_cue_conflict "
+                          "(replaced on every run) and use it")
     p.add_argument("--per-pair", type=int, default=4,
                    help="--bundled-digits: images per ordered digit pair (90 pairs; default 4 -> 360 images)")
     p.add_argument("--categories", default="auto", choices=("auto", "imagenet16", "digits"),
@@ -115,6 +117,8 @@ def main(argv: list[str]) -> int:
         from ..data.cue_conflict import write_digit_cue_conflict
 
         data = out / "digit_cue_conflict"
+        if data.is_dir():  # our own generated folder: regenerate, so that no image of an earlier run stays
+            shutil.rmtree(data)
         write_digit_cue_conflict(data, per_pair=args.per_pair, canvas=args.resolution or 64)
     elif args.data:
         data = Path(args.data)
