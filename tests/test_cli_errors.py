@@ -26,6 +26,7 @@ CASES: dict[str, list[str]] = {
     "convert": ["--family", "sw", "--src", f"{MISSING}/ckpt.pth", "--dst", "{tmp}/x.safetensors",
                 "--model", "sw_tiny"],
     "export": ["--model", "sw_pico", "--checkpoint", f"{MISSING}/w.safetensors", "--out", "{tmp}/m.onnx"],
+    "shape-bias": ["--models", "sw_pico", "--data", MISSING, "--out-dir", "{tmp}/sb"],
 }
 EXPECT = {"demo": "--model-kwargs must be a JSON object", "coverage": "one feature-map size per M",
           "bench": "unknown model 'no_such_model'"}

@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sparsity": ("lkvision.analysis.cli", "sparsity_main", "per-layer sparsity statistics of a checkpoint"),
     "coverage": ("lkvision.analysis.cli", "coverage_main", "shift-add path coverage vs number of edges"),
     "flops": ("lkvision.analysis.cli", "flops_main", "params / FLOPs / MACs table, train vs deploy form"),
+    "shape-bias": ("lkvision.analysis.shape_bias_cli", "main", "shape vs texture decisions on cue-conflict images"),
     "bench": ("lkvision.bench.cli", "main", "model / training-step / depth-wise conv throughput"),
     "convert": ("lkvision.compat.cli", "main", "convert an official checkpoint to lkvision safetensors"),
     "export": ("lkvision.export.cli", "main", "export a deploy-form model to ONNX or torch.export"),

@@ -9,6 +9,10 @@ SLaK-strip -> Shiftwise layout (SW paper §3.2, experiment #1).
   layer whatever its internal structure.
 
 Aggregation (App. D): ``sum_c |K_c|``, rescaled to [0, 1].
+
+A dilated depth-wise conv (MobileNetV2 with ``dilation``, RepLKNet App. C) counts as a large-kernel layer
+too: a k x k kernel with dilation r *is* a sparse dense kernel of size r(k-1)+1, and both maps show it on
+that dense grid (taps every r pixels, zeros between).
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ def _extent_guess(layer: nn.Module) -> int:
     for p in layer.parameters():
         if p.ndim == 4:
             ext = max(ext, *p.shape[-2:])
+    for c in layer.modules():  # a dilated conv reaches d(k-1)+1 pixels
+        if isinstance(c, nn.Conv2d):
+            ext = max(ext, *(d * (k - 1) + 1 for d, k in zip(c.dilation, c.kernel_size)))
     return ext
 
 
@@ -136,22 +143,32 @@ def shiftwise_cross_kernel(layer: nn.Module) -> torch.Tensor:
 def large_branch_kernel(layer: nn.Module) -> torch.Tensor:
     """Kernel of the large branch(es) of a re-parameterizable layer, BN fused: (C, K, K).
 
-    Shiftwise layers: :func:`shiftwise_cross_kernel`. Others: the depth-wise conv(s) of largest area among
-    the layer's ConvBN branches (SLaK's two strips both count), centre-padded to a common size."""
+    Shiftwise layers: :func:`shiftwise_cross_kernel`. Others: the dense depth-wise conv(s) of largest area
+    among the layer's ConvBN branches (SLaK's two strips both count), centre-padded to a common size; a
+    layer with only dilated depth-wise convs gives them on their dense grid
+    (:func:`lkvision.layers.dilated.dilated_to_dense`)."""
     from ..layers.conv_bn import ConvBN, pad_kernel_to
+    from ..layers.dilated import dilated_to_dense
 
     if hasattr(layer, "pad_hv") and hasattr(layer, "branches"):
         return shiftwise_cross_kernel(layer)
-    cands = []
+    cands, dilated = [], []
     for m in layer.modules():
         if isinstance(m, ConvBN) and m.conv.groups == m.conv.in_channels and m.conv.groups > 1:
-            if tuple(m.conv.dilation) != (1, 1):
-                continue
             w, _ = m.fused_weight_bias()
-            cands.append(w.detach().double())
+            w = w.detach().double()
         elif isinstance(m, nn.Conv2d) and not any(m is getattr(p, "conv", None) for p in layer.modules()):
-            if m.groups == m.in_channels and m.groups > 1 and tuple(m.dilation) == (1, 1):
-                cands.append(m.weight.detach().double())
+            if not (m.groups == m.in_channels and m.groups > 1):
+                continue
+            w = m.weight.detach().double()
+        else:
+            continue
+        conv = m.conv if isinstance(m, ConvBN) else m
+        if tuple(conv.dilation) == (1, 1):
+            cands.append(w)
+        else:
+            dilated.append(dilated_to_dense(w, tuple(conv.dilation)))
+    cands = cands or dilated
     if not cands:
         raise ValueError(f"{type(layer).__name__} has no depth-wise conv branch")
     area = max(w.shape[-2] * w.shape[-1] for w in cands)
@@ -160,17 +177,42 @@ def large_branch_kernel(layer: nn.Module) -> torch.Tensor:
     return sum(pad_kernel_to(w, (K, K)) for w in big)[:, 0]
 
 
+def _dilated_depthwise(m: nn.Module) -> bool:
+    """A depth-wise conv (``nn.Conv2d`` or a ``ConvBN`` around one) with dilation > 1."""
+    conv = getattr(m, "conv", None) if not isinstance(m, nn.Conv2d) else m
+    if not isinstance(conv, nn.Conv2d):
+        return False
+    return conv.groups == conv.in_channels == conv.out_channels > 1 and max(conv.dilation) > 1
+
+
+def _stride(m: nn.Module) -> tuple[int, ...]:
+    s = getattr(m, "stride", None)
+    if s is None:
+        s = next((c.stride for c in m.modules() if isinstance(c, nn.Conv2d)), 1)
+    return tuple(s) if isinstance(s, (tuple, list)) else (int(s),)
+
+
 def find_kernel_layers(model: nn.Module) -> list[str]:
-    """Names of the re-parameterizable large-kernel layers (Shiftwise, RepLK, dilated, strip), in order."""
-    return [n for n, m in model.named_modules() if type(m).__name__ in _LAYER_CLASSES]
+    """Names of the re-parameterizable large-kernel layers (Shiftwise, RepLK, dilated re-param, strip) and of
+    stand-alone dilated depth-wise convs, in order (modules inside a listed layer are not listed)."""
+    names: list[str] = []
+    for n, m in model.named_modules():
+        if names and n.startswith(names[-1] + "."):
+            continue
+        if type(m).__name__ in _LAYER_CLASSES or _dilated_depthwise(m):
+            names.append(n)
+    return names
 
 
 def default_kernel_layer(model: nn.Module) -> str:
-    """App. D's choice: the first large-kernel layer of the last stage that has one."""
+    """App. D's choice: the first stride-1 large-kernel layer of the last stage that has one (any stride
+    when the model has no stride-1 layer)."""
     names = find_kernel_layers(model)
     if not names:
         raise ValueError(f"{type(model).__name__} has no re-parameterizable large-kernel layer "
-                         f"({', '.join(_LAYER_CLASSES)})")
+                         f"({', '.join(_LAYER_CLASSES)}) or dilated depth-wise conv")
+    mods = dict(model.named_modules())
+    names = [n for n in names if set(_stride(mods[n])) == {1}] or names
     stage = [re.search(r"stages\.(\d+)\.", n) for n in names]
     idx = [int(s.group(1)) if s else -1 for s in stage]
     last = max(idx)

@@ -1,9 +1,11 @@
 """MobileNetV2 (Sandler et al., 2018) as the testbed of RepLKNet's Guidelines 2, 3 and 5 (Tables 2-4).
 
 Options over the standard model: the depth-wise kernel size (all blocks, or a different one for the last,
-stride-32 stage), identity shortcuts on/off (Table 2), and a parallel small (3x3) re-param branch next to
-every large depth-wise conv (Table 3). ``reparameterize()`` folds every BN and merges the small branches:
-the deploy form is plain biased convs + ReLU6 (exact in eval mode).
+stride-32 stage), identity shortcuts on/off (Table 2), a parallel small (3x3) re-param branch next to
+every large depth-wise conv (Table 3), and dilated depth-wise convs (App. C, Table 12: a 3x3 conv with
+dilation r has the maximum receptive field of a dense (2r+1)x(2r+1) one; it *is* that kernel with all but 9
+taps fixed at zero). ``reparameterize()`` folds every BN and merges the small branches: the deploy form is
+plain biased convs + ReLU6 (exact in eval mode; dilated convs stay dilated).
 
 Stages (``feature_info``): stride 4 (stem + t,c,n,s = 1,16,1,1 and 6,24,2,2), stride 8 (6,32,3,2),
 stride 16 (6,64,4,2 and 6,96,3,1), stride 32 (6,160,3,2, 6,320,1,1 and the 1x1 conv to 1280).
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..layers.conv_bn import ConvBN
 from ..layers.reparam_conv import ConvBNAct, ReparamLargeKernelConv
 from ._base import LargeKernelNet, factory_device
 from ._pretrained import build_model_with_cfg, pretrained_cfg
@@ -46,18 +49,23 @@ class InvertedResidual(nn.Module):
     """``x + project(dw_K(expand(x)))`` (the shortcut only when stride 1, C_in = C_out and enabled).
 
     ``expand`` = ReLU6(BN(1x1)), ``dw_K`` = ReLU6(re-param depth-wise K x K [+ k x k]), ``project`` = BN(1x1).
+    With ``dilation`` r > 1, ``dw`` is a :class:`ConvBN` depth-wise K x K conv with dilation r (padding
+    r(K-1)/2, no small branch).
     Shapes: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride).
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, expand_ratio: int, kernel_size: int,
-                 small_kernel: int | None, shortcut: bool = True, sync_bn: bool = False) -> None:
+                 small_kernel: int | None, shortcut: bool = True, sync_bn: bool = False,
+                 dilation: int = 1) -> None:
         super().__init__()
         hidden = int(round(in_chs * expand_ratio))
         self.use_shortcut = shortcut and stride == 1 and in_chs == out_chs
         self.expand = (ConvBNAct(in_chs, hidden, 1, act=nn.ReLU6(), sync_bn=sync_bn) if expand_ratio != 1
                        else nn.Identity())
         sk = small_kernel if small_kernel is not None and small_kernel < kernel_size else None
-        self.dw = ReparamLargeKernelConv(hidden, kernel_size, sk, stride=stride, sync_bn=sync_bn)
+        self.dw: nn.Module = (
+            ReparamLargeKernelConv(hidden, kernel_size, sk, stride=stride, sync_bn=sync_bn) if dilation == 1
+            else ConvBN(hidden, hidden, kernel_size, stride=stride, groups=hidden, dilation=dilation, sync_bn=sync_bn))
         self.act = nn.ReLU6()
         self.project = ConvBNAct(hidden, out_chs, 1, act=None, sync_bn=sync_bn)
 
@@ -73,6 +81,8 @@ class MobileNetV2(LargeKernelNet):
         kernel_size: depth-wise kernel of every inverted residual block (3 in the original model).
         last_stage_kernel: kernel of the stride-32 stage (Table 4); ``None`` = ``kernel_size``.
         small_kernel: parallel re-param kernel (3 in Table 3) for every depth-wise conv larger than it, or None.
+        dilation: dilation of every depth-wise conv (Table 12: 3x3 with r = 4 or 6, max RF 9 or 13); > 1
+            excludes ``small_kernel``.
         shortcut: identity shortcuts (Table 2 compares with and without).
         width_mult: channel multiplier, as in MobileNetV2.
         in_chans, num_classes: input channels, classes (0: no classifier).
@@ -89,6 +99,7 @@ class MobileNetV2(LargeKernelNet):
         kernel_size: int = 3,
         last_stage_kernel: int | None = None,
         small_kernel: int | None = None,
+        dilation: int = 1,
         shortcut: bool = True,
         width_mult: float = 1.0,
         in_chans: int = 3,
@@ -106,16 +117,19 @@ class MobileNetV2(LargeKernelNet):
     ) -> None:
         super().__init__(in_chans=in_chans, num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate,
                          output_stride=output_stride)
+        if dilation < 1 or (dilation > 1 and small_kernel is not None):
+            raise ValueError(f"dilation must be >= 1 and cannot be combined with small_kernel (a dilated conv "
+                             f"has no re-param branch here), got dilation={dilation}, small_kernel={small_kernel}")
         with factory_device(device):
-            self._build(kernel_size, last_stage_kernel, small_kernel, shortcut, width_mult, settings, last_channels,
-                        sync_bn)
+            self._build(kernel_size, last_stage_kernel, small_kernel, dilation, shortcut, width_mult, settings,
+                        last_channels, sync_bn)
             self._init_weights()
             self._init_features_mode(features_only, out_indices)
         self._to_device_dtype(device, dtype)
 
-    def _build(self, kernel_size: int, last_stage_kernel: int | None, small_kernel: int | None, shortcut: bool,
-               width_mult: float, settings: Sequence[tuple[int, int, int, int, int]], last_channels: int,
-               sync_bn: bool) -> None:
+    def _build(self, kernel_size: int, last_stage_kernel: int | None, small_kernel: int | None, dilation: int,
+               shortcut: bool, width_mult: float, settings: Sequence[tuple[int, int, int, int, int]],
+               last_channels: int, sync_bn: bool) -> None:
         in_chans, num_classes = self.in_chans, self.num_classes
         stem_chs = _make_divisible(32 * width_mult)
         self.stem = ConvBNAct(in_chans, stem_chs, 3, stride=2, act=nn.ReLU6(), sync_bn=sync_bn)
@@ -127,7 +141,7 @@ class MobileNetV2(LargeKernelNet):
             k = last_stage_kernel if (stage == n_stages - 1 and last_stage_kernel is not None) else kernel_size
             for i in range(n):
                 stage_blocks[stage].append(InvertedResidual(c_in, c_out, s if i == 0 else 1, t, k, small_kernel,
-                                                            shortcut, sync_bn))
+                                                            shortcut, sync_bn, dilation))
                 c_in = c_out
         self.num_features = _make_divisible(last_channels * max(1.0, width_mult))
         stage_blocks[-1].append(ConvBNAct(c_in, self.num_features, 1, act=nn.ReLU6(), sync_bn=sync_bn))
@@ -165,9 +179,11 @@ _CFG = dict(first_conv="stem.conv", classifier="head", paper_ids="arXiv:2203.067
 default_cfgs: dict[str, dict] = {
     **{name: pretrained_cfg(**_CFG) for name in (
         "mobilenetv2_100", "mobilenetv2_noskip", "mobilenetv2_k13", "mobilenetv2_k13_noskip", "mobilenetv2_k9",
-        "mobilenetv2_k9_rep3", "mobilenetv2_k13_rep3", "mobilenetv2_last7_rep3", "mobilenetv2_last13_rep3")},
-    "mobilenetv2_nano_k13_rep3": pretrained_cfg(**{**_CFG, "notes": ("CPU test configuration",)},
-                                                input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
+        "mobilenetv2_k9_rep3", "mobilenetv2_k13_rep3", "mobilenetv2_last7_rep3", "mobilenetv2_last13_rep3",
+        "mobilenetv2_k3_dil4", "mobilenetv2_k3_dil6")},
+    **{name: pretrained_cfg(**{**_CFG, "notes": ("CPU test configuration",)}, input_size=(3, 64, 64),
+                            pool_size=(2, 2), crop_pct=1.0)
+       for name in ("mobilenetv2_nano_k13_rep3", "mobilenetv2_nano_k3_dil4")},
 }
 
 
@@ -185,8 +201,12 @@ model_cfgs: dict[str, dict] = {
     # Table 4 (Guideline 5): only the last (7x7-map) stage enlarged, with 3x3 re-param
     "mobilenetv2_last7_rep3": dict(kernel_size=3, last_stage_kernel=7, small_kernel=3),
     "mobilenetv2_last13_rep3": dict(kernel_size=3, last_stage_kernel=13, small_kernel=3),
+    # Table 12 (App. C): every depth-wise 3x3 dilated to the max RF of the dense 9x9 / 13x13 rows (k9 / k13)
+    "mobilenetv2_k3_dil4": dict(kernel_size=3, dilation=4),
+    "mobilenetv2_k3_dil6": dict(kernel_size=3, dilation=6),
     # tiny model for tests
     "mobilenetv2_nano_k13_rep3": dict(kernel_size=13, small_kernel=3, width_mult=0.25, last_channels=128),
+    "mobilenetv2_nano_k3_dil4": dict(kernel_size=3, dilation=4, width_mult=0.25, last_channels=128),
 }
 
 
@@ -245,6 +265,24 @@ def mobilenetv2_last13_rep3(pretrained: bool = False, **kwargs) -> MobileNetV2:
 
 
 @register_model
+def mobilenetv2_k3_dil4(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    """MobileNetV2 with every depth-wise 3x3 dilated by 4 (max RF 9, as 9x9; Table 12)."""
+    return _create_mobilenetv2("mobilenetv2_k3_dil4", pretrained, **kwargs)
+
+
+@register_model
+def mobilenetv2_k3_dil6(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    """MobileNetV2 with every depth-wise 3x3 dilated by 6 (max RF 13, as 13x13; Table 12)."""
+    return _create_mobilenetv2("mobilenetv2_k3_dil6", pretrained, **kwargs)
+
+
+@register_model
+def mobilenetv2_nano_k3_dil4(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    """Tiny (width 0.25) MobileNetV2 with 3x3 depth-wise convs dilated by 4, for tests."""
+    return _create_mobilenetv2("mobilenetv2_nano_k3_dil4", pretrained, **kwargs)
+
+
+@register_model
 def mobilenetv2_nano_k13_rep3(pretrained: bool = False, **kwargs) -> MobileNetV2:
     """Tiny (width 0.25) MobileNetV2 with 13x13 + 3x3 re-param kernels, for tests."""
     return _create_mobilenetv2("mobilenetv2_nano_k13_rep3", pretrained, **kwargs)
@@ -252,4 +290,5 @@ def mobilenetv2_nano_k13_rep3(pretrained: bool = False, **kwargs) -> MobileNetV2
 
 TEST_MODELS: dict[str, dict] = {
     "mobilenetv2_nano_k13_rep3": {},
+    "mobilenetv2_nano_k3_dil4": {},
 }
