@@ -11,6 +11,9 @@ import pytest
 def require(module: str):
     """Import ``module``; skip when it is missing -- except in CI (``CI`` set), where ``.ci/run`` installs the
     ``mm`` extra and a missing package is a failure, never a skip."""
+    from lkvision.data import ensure_torchvision
+
+    ensure_torchvision()  # OpenMMLab, smp and transformers import torchvision
     try:
         return importlib.import_module(module)
     except ImportError as e:

@@ -52,7 +52,11 @@ def _channels(name: str) -> list[int]:
     from lkvision.integrations.backbone import build_backbone, feature_channels
 
     if name not in _CHANNELS:
-        _CHANNELS[name] = feature_channels(build_backbone(name))
+        try:  # no weights needed: build on the meta device where the model allows it
+            with torch.device("meta"):
+                _CHANNELS[name] = feature_channels(build_backbone(name))
+        except (NotImplementedError, RuntimeError):
+            _CHANNELS[name] = feature_channels(build_backbone(name))
     return _CHANNELS[name]
 
 

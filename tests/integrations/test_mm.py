@@ -50,8 +50,10 @@ def _channels(name: str, kwargs: dict) -> tuple[list[int], list[int]]:
 
 
 def _seg_model(MODELS, name: str, kwargs: dict, **backbone):
+    from mmengine.config import ConfigDict
+
     chs, _ = _channels(name, kwargs)
-    return MODELS.build(dict(
+    return MODELS.build(ConfigDict(
         type="EncoderDecoder",
         data_preprocessor=dict(type="SegDataPreProcessor", mean=[0.0] * 3, std=[1.0] * 3, size=(64, 64)),
         backbone=dict(type="LKVisionBackbone", model_name=name, model_kwargs=kwargs, **backbone),
@@ -98,15 +100,36 @@ def test_upernet_every_family(mmseg_models, name):
 
 def _det_cfg(name: str, kwargs: dict, cascade: bool) -> dict:
     from mmengine.config import Config
+    from mmengine.utils import get_installed_path
 
     base = "cascade-mask-rcnn_r50_fpn.py" if cascade else "mask-rcnn_r50_fpn.py"
-    cfg = Config.fromfile(f"mmdet::_base_/models/{base}")
+    cfg = Config.fromfile(f"{get_installed_path('mmdet')}/.mim/configs/_base_/models/{base}")
     chs, _ = _channels(name, kwargs)
-    model = cfg.model
+    model = _slim(cfg.model)
     model.backbone = dict(type="LKVisionBackbone", model_name=name, model_kwargs=kwargs)
     model.neck.in_channels = chs
     model.data_preprocessor.mean, model.data_preprocessor.std = [0.0] * 3, [1.0] * 3
     return model
+
+
+def _slim(node):
+    """mmdet's model config with 32-channel FPN/heads, 64-d FCs and fewer proposals/samples (CPU test speed)."""
+    if isinstance(node, list):
+        return [_slim(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    for key, value in node.items():
+        if key in ("in_channels", "feat_channels", "out_channels", "conv_out_channels") and value == 256:
+            node[key] = 32
+        elif key == "fc_out_channels":
+            node[key] = 64
+        elif key in ("nms_pre", "max_per_img") and isinstance(value, int) and value > 100:
+            node[key] = 100
+        elif key == "num" and isinstance(value, int):
+            node[key] = 32
+        else:
+            node[key] = _slim(value)
+    return node
 
 
 def _det_batch(size: int = 64):
@@ -126,9 +149,18 @@ def _det_batch(size: int = 64):
     return inputs, [s]
 
 
-@pytest.mark.parametrize("cascade", [False, True], ids=["mask_rcnn", "cascade"])
+@pytest.mark.parametrize("cascade", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["mask_rcnn", "cascade"])
 @pytest.mark.parametrize("name", sorted(FAMILY_MODELS))
 def test_mask_rcnn_every_family(mmdet_models, name, cascade):
+    _check_detector(mmdet_models, name, cascade)
+
+
+def test_cascade_one_family(mmdet_models):
+    """The default suite runs Cascade Mask R-CNN for one family (all families: slow)."""
+    _check_detector(mmdet_models, "sw_femto", cascade=True)
+
+
+def _check_detector(mmdet_models, name, cascade):
     kwargs = FAMILY_MODELS[name]
     model = mmdet_models.build(_det_cfg(name, kwargs, cascade))
     model.init_weights()

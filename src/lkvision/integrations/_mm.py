@@ -17,12 +17,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from mmengine.model import BaseModule
-from mmengine.optim import DefaultOptimWrapperConstructor
 from torch import nn
 
-from ..reparam import reparameterize
-from .backbone import (
+from ..data._compat import ensure_torchvision
+
+ensure_torchvision()  # mmengine/mmdet/mmseg import torchvision, whose C++ ops may not load on this torch
+
+from mmengine.model import BaseModule  # noqa: E402
+from mmengine.optim import DefaultOptimWrapperConstructor  # noqa: E402
+
+from ..reparam import reparameterize  # noqa: E402
+from .backbone import (  # noqa: E402
     allow_numpy_checkpoints,
     build_backbone,
     feature_channels,

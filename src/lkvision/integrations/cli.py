@@ -70,6 +70,9 @@ def _table(task: str, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from ..data._compat import ensure_torchvision
+
+    ensure_torchvision()  # OpenMMLab imports torchvision, whose C++ ops may not load on this torch
     try:
         import mmengine  # noqa: F401
 

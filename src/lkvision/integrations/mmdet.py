@@ -6,10 +6,17 @@ and ``backbone=dict(type="LKVisionBackbone", model_name="unireplknet_t", ...)``.
 
 from __future__ import annotations
 
-from mmdet.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
-
+# _mm runs lkvision's torchvision shim before anything of OpenMMLab is imported
 from ._mm import LKLayerDecayOptimWrapperConstructor, LKVisionBackbone, allow_numpy_checkpoints, register_into
 
 __all__ = ["LKVisionBackbone", "LKLayerDecayOptimWrapperConstructor", "allow_numpy_checkpoints"]
 
-register_into(MODELS, OPTIM_WRAPPER_CONSTRUCTORS)
+
+
+def _register() -> None:
+    from mmdet.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+
+    register_into(MODELS, OPTIM_WRAPPER_CONSTRUCTORS)
+
+
+_register()
