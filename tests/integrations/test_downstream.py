@@ -16,6 +16,7 @@ def dense_root(tmp_path_factory):
     return write_dense_digits(tmp_path_factory.mktemp("dense") / "digits", num_train=240, num_val=60)
 
 
+@pytest.mark.slow
 def test_cli_smoke(tmp_path, capsys):
     """The command end to end (3 iterations): metrics, overlays, table."""
     require("mmseg")

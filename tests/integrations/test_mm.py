@@ -155,8 +155,9 @@ def test_mask_rcnn_every_family(mmdet_models, name, cascade):
     _check_detector(mmdet_models, name, cascade)
 
 
+@pytest.mark.slow
 def test_cascade_one_family(mmdet_models):
-    """The default suite runs Cascade Mask R-CNN for one family (all families: slow)."""
+    """Cascade Mask R-CNN with the SW backbone (slow; every family: the parametrised slow cases)."""
     _check_detector(mmdet_models, "sw_femto", cascade=True)
 
 

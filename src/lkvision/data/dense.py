@@ -1,8 +1,9 @@
 """Dense labels for the bundled digits: boxes, instance masks and semantic maps, generated deterministically.
 
 The bundled MNIST subset (see :mod:`lkvision.data.bundled`, no download) is laid out as a small detection /
-segmentation task. Each ``canvas`` x ``canvas`` grey image holds 1-3 whole digits at random, non-overlapping
-positions plus ``distractors`` 10x10 fragments cut from other digits of the same split. Labels:
+segmentation task. Each ``canvas`` x ``canvas`` (default 64) grey image holds 1..``max_digits`` (default 2) whole
+digits at random, non-overlapping positions plus ``distractors`` (default 3) 10x10 fragments cut from other
+digits of the same split. Labels:
 
 * **instance masks**: the digit's own pixels (value >= ``MASK_THRESHOLD``) -- holes and all;
 * **boxes**: the tight box of each mask, COCO ``[x, y, w, h]``;
@@ -43,7 +44,7 @@ SEG_CLASSES = ("background", *DIGIT_CLASSES)
 MASK_THRESHOLD = 64  # uint8 intensity from which a digit pixel belongs to its mask
 _DIGIT = 28
 _FRAG = 10
-DENSE_DEFAULTS = dict(canvas=96, max_digits=3, distractors=4, seed=0)
+DENSE_DEFAULTS = dict(canvas=64, max_digits=2, distractors=3, seed=0)
 _FORMAT_VERSION = 1
 
 
@@ -113,8 +114,8 @@ def _render(rng: np.random.Generator, pool: np.ndarray, labels: np.ndarray, canv
     )
 
 
-def generate_dense_digits(split: str = "train", num_images: int = 800, canvas: int = 96, max_digits: int = 3,
-                          distractors: int = 4, seed: int = 0) -> list[DenseSample]:
+def generate_dense_digits(split: str = "train", num_images: int = 800, canvas: int = 64, max_digits: int = 2,
+                          distractors: int = 3, seed: int = 0) -> list[DenseSample]:
     """Deterministic list of :class:`DenseSample` for ``split`` ("train" or "val").
 
     ``seed`` fixes the layouts (train and val use different streams of it); digits come from the bundled
@@ -180,8 +181,8 @@ def _coco_dict(samples: list[DenseSample], split: str) -> dict:
     )
 
 
-def write_dense_digits(root: str | os.PathLike, num_train: int = 800, num_val: int = 200, canvas: int = 96,
-                       max_digits: int = 3, distractors: int = 4, seed: int = 0) -> Path:
+def write_dense_digits(root: str | os.PathLike, num_train: int = 800, num_val: int = 200, canvas: int = 64,
+                       max_digits: int = 2, distractors: int = 3, seed: int = 0) -> Path:
     """Write the dataset under ``root`` (layout in the module docstring); returns ``Path(root)``.
 
     Skips the work when ``root/meta.json`` records the same parameters (the files are a pure function of them).

@@ -29,12 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="sw_femto", help="lkvision backbone name (default: sw_femto)")
     p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="backbone constructor overrides, e.g. big_kernels=[3,3,3,3]")
-    p.add_argument("--iters", type=int, default=400, help="training iterations (default 400)")
+    p.add_argument("--iters", type=int, default=600, help="training iterations (default 600)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the table gives mean/std")
     p.add_argument("--num-train", type=int, default=800, help="training images (default 800)")
     p.add_argument("--num-val", type=int, default=200, help="validation images (default 200)")
+    p.add_argument("--canvas", type=int, default=64, help="image size (default 64)")
+    p.add_argument("--max-digits", type=int, default=2, help="digits per image, 1..N (default 2)")
     p.add_argument("--data-root", default="data/dense_digits", help="where the dense digits are written")
     p.add_argument("--out-dir", default="runs/downstream", help="one sub-folder per run (config, log, overlays)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -92,14 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     kwargs = parse_model_kwargs(args.model_kwargs)
-    root = write_dense_digits(args.data_root, num_train=args.num_train, num_val=args.num_val)
+    root = write_dense_digits(args.data_root, num_train=args.num_train, num_val=args.num_val, canvas=args.canvas,
+                              max_digits=args.max_digits, distractors=2 * args.max_digits - 1)
     rows = []
     for seed in args.seeds:
         tag = args.model + ("_" + "_".join(f"{k}{v}" for k, v in kwargs.items()) if kwargs else "")
         tag = "".join(c if c.isalnum() or c in "_-." else "" for c in tag)
         work_dir = Path(args.out_dir) / args.task / f"{tag}_seed{seed}"
         row = run_downstream(args.task, args.model, str(root), str(work_dir), iters=args.iters, lr=args.lr,
-                             batch_size=args.batch_size, seed=seed, model_kwargs=kwargs)
+                             batch_size=args.batch_size, seed=seed, model_kwargs=kwargs, canvas=args.canvas)
         atomic_write_json(work_dir / "metrics.json", row)
         rows.append(row)
         print(f"{args.task} {tag} seed {seed}: " + ", ".join(
