@@ -149,9 +149,9 @@ def det_config(model_name: str, root: str, work_dir: str, iters: int = 400, lr: 
     )
 
     def dataset(split: str, train: bool) -> dict:
+        # the no-op Resize records scale_factor, which mmdet's post-processing needs
         pipeline = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
-                    dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape",
-                                                          "scale_factor"))]
+                    dict(type="Resize", scale=(canvas, canvas), keep_ratio=True), dict(type="PackDetInputs")]
         return dict(type="CocoDataset", data_root=root, ann_file=f"annotations/instances_{split}.json",
                     data_prefix=dict(img=f"img_dir/{split}/"), metainfo=dict(classes=DIGIT_CLASSES,
                                                                              palette=PALETTE[1:]),
