@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -20,26 +21,23 @@ for _name, _kw in family_test_models():
 FAMILY_MODELS = dict(FAMILY_MODELS.values())
 
 
+def _framework_models(fw: str):
+    """The MODELS registry of ``fw`` (mmseg / mmdet) with lkvision's classes registered, default scope set."""
+    require(fw)
+    require(f"lkvision.integrations.{fw}")
+    registry = importlib.import_module(f"{fw}.registry")
+    importlib.import_module(f"{fw}.utils").register_all_modules(init_default_scope=True)
+    return registry.MODELS
+
+
 @pytest.fixture(scope="module")
 def mmseg_models():
-    require("mmseg")
-    require("lkvision.integrations.mmseg")
-    from mmseg.registry import MODELS
-    from mmseg.utils import register_all_modules
-
-    register_all_modules(init_default_scope=True)
-    return MODELS
+    return _framework_models("mmseg")
 
 
 @pytest.fixture(scope="module")
 def mmdet_models():
-    require("mmdet")
-    require("lkvision.integrations.mmdet")
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-
-    register_all_modules(init_default_scope=True)
-    return MODELS
+    return _framework_models("mmdet")
 
 
 def _channels(name: str, kwargs: dict) -> tuple[list[int], list[int]]:
