@@ -21,13 +21,26 @@ for _name, _kw in family_test_models():
 FAMILY_MODELS = dict(FAMILY_MODELS.values())
 
 
-def _framework_models(fw: str):
-    """The MODELS registry of ``fw`` (mmseg / mmdet) with lkvision's classes registered, default scope set."""
-    require(fw)
-    require(f"lkvision.integrations.{fw}")
-    registry = importlib.import_module(f"{fw}.registry")
-    importlib.import_module(f"{fw}.utils").register_all_modules(init_default_scope=True)
-    return registry.MODELS
+class _ScopedRegistry:
+    """A framework's MODELS registry that sets mmengine's default scope to that framework before each build (the
+    module-scoped fixtures of both frameworks live in one process; the last register_all_modules would win)."""
+
+    def __init__(self, fw: str) -> None:
+        require(fw)
+        require(f"lkvision.integrations.{fw}")
+        importlib.import_module(f"{fw}.utils").register_all_modules(init_default_scope=False)
+        self.fw = fw
+        self.registry = importlib.import_module(f"{fw}.registry")
+
+    def build(self, cfg):
+        from mmengine.registry import init_default_scope
+
+        init_default_scope(self.fw)
+        return self.registry.MODELS.build(cfg)
+
+
+def _framework_models(fw: str) -> _ScopedRegistry:
+    return _ScopedRegistry(fw)
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +269,7 @@ def test_lkvision_checkpoint_and_errors(mmseg_models, tmp_path):
 def test_layer_decay_constructor_rates(mmseg_models):
     from mmseg.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
-    model = _seg_model(mmseg_models, "sw_femto", {})
+    model = _seg_model(mmseg_models, "sw_femto", {})  # also sets the default scope to mmseg
     base_lr, wd, rate, num_layers = 1e-3, 0.05, 0.5, 4
     ctor = OPTIM_WRAPPER_CONSTRUCTORS.build(dict(
         type="LKLayerDecayOptimWrapperConstructor",
