@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("lkvision.bench.cli", "main", "model / training-step / depth-wise conv throughput"),
     "convert": ("lkvision.compat.cli", "main", "convert an official checkpoint to lkvision safetensors"),
     "export": ("lkvision.export.cli", "main", "export a deploy-form model to ONNX or torch.export"),
+    "downstream": ("lkvision.integrations.cli", "main", "UperNet / Mask R-CNN on the bundled dense digits (mm)"),
 }
 
 #: exit status of a command stopped by a user error (argparse uses the same for bad options)

@@ -1,0 +1,13 @@
+# unireplknet_s + Mask R-CNN 1x (FPN), COCO. Paper: not reported (the papers report Cascade Mask R-CNN 3x).
+# Settings from AILab-CVC/UniRepLKNet {segmentation,detection}/configs (unireplknet_s, in1k); schedule: the 1x base.
+_base_ = ['../_base_/mask_rcnn_lkvision_fpn_1x_coco.py']
+dims = [96, 192, 384, 768]
+model = dict(
+    backbone=dict(model_name='unireplknet_s', drop_path_rate=0.5, with_cp=True),
+    neck=dict(in_channels=dims),
+)
+optim_wrapper = dict(
+    constructor='LKLayerDecayOptimWrapperConstructor',
+    optimizer=dict(lr=0.0001),
+    paramwise_cfg=dict(decay_rate=0.8, decay_type='layer_wise', num_layers=12),
+)
