@@ -172,6 +172,7 @@ class _RegisterAfterTimm(importlib.abc.Loader):
             pass
         module.__loader__ = module.__spec__.loader = self._loader
         self._loader.exec_module(module)
+        _remove_hook()  # timm is loaded: the hook has done its job
         try:
             register_all()
         except Exception as e:  # noqa: BLE001 - never break `import timm`; say why the models are missing
@@ -183,13 +184,24 @@ class _RegisterAfterTimm(importlib.abc.Loader):
 
 
 class _TimmImportHook(importlib.abc.MetaPathFinder):
-    """One-shot finder: on ``import timm``, hands back timm's own spec with its loader wrapped."""
+    """Finder for ``timm`` that hands back timm's own spec with its loader wrapped.
+
+    It stays installed until timm is actually executed (:meth:`_RegisterAfterTimm.exec_module` removes it):
+    libraries probe for timm with ``importlib.util.find_spec("timm")`` without importing it (transformers does,
+    and mmengine imports transformers), and a hook that removed itself on the first lookup would miss the real
+    import that follows. ``_busy`` keeps the hook's own look-up of timm's spec from recursing into itself.
+    """
+
+    _busy = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "timm":
+        if fullname != "timm" or self._busy:
             return None
-        _remove_hook()
-        spec = importlib.util.find_spec("timm")
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec("timm")  # the other finders' spec (this one answers None meanwhile)
+        finally:
+            self._busy = False
         if spec is None or spec.loader is None:
             return None
         spec.loader = _RegisterAfterTimm(spec.loader)

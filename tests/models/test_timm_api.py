@@ -41,6 +41,23 @@ def test_import_lkvision_registers_with_timm_without_importing_it():
     assert out.strip() == "(3, 384, 384)"
 
 
+def test_probing_for_timm_does_not_use_up_the_hook():
+    """Libraries check timm's presence with find_spec (transformers does; mmengine imports transformers) long
+    before anything imports it: the registration must still happen at the real ``import timm``."""
+    _run("""
+        import importlib.util, sys
+        import lkvision
+        assert importlib.util.find_spec("timm") is not None
+        assert importlib.util.find_spec("timm") is not None
+        assert "timm" not in sys.modules
+        import timm
+        assert "sw_femto" in timm.list_models("sw_*")
+        import importlib
+        importlib.reload(importlib.import_module("timm"))  # a re-import is harmless
+        assert timm.create_model("sw_femto").num_classes == 1000
+    """)
+
+
 def test_timm_imported_first_registers_on_import_lkvision():
     _run("""
         import importlib.util, sys
