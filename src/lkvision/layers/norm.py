@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerNorm2d", "GRN"]
+__all__ = ["LayerNorm2d", "GRN", "grn", "grn_reference"]
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -33,6 +33,34 @@ class LayerNorm2d(nn.LayerNorm):
         return x
 
 
+def grn_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
+    """GRN as the official code writes it: ``(gamma * N(x) + 1) * x + beta`` (x (B, H, W, C))."""
+    gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)
+    y = (gamma * nx + 1) * x
+    return y if beta is None else y + beta
+
+
+def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None, eps: float = 1e-6, *,
+        inplace: bool = False) -> torch.Tensor:
+    """GRN computed with cheap passes over ``x`` (B, H, W, C) -> (B, H, W, C); the same function as
+    :func:`grn_reference`.
+
+    * The L2 norm over (H, W) is ``sqrt(sum(x * x))``: ``torch.norm`` over non-trailing dims runs a scalar
+      strided reduction on CPU, measured 2-11x slower than a square and a vectorised sum (2.8 vs 1.3 ms at
+      (4, 56, 56, 320); 1.25 vs 0.11 ms at (4, 14, 14, 1280), one thread). The sum of squares is clamped at
+      1e-30 before the root, so an all-zero channel gets the zero gradient ``torch.norm`` gives it (not NaN).
+    * The factor ``gamma * N(x) + 1`` is formed on the small (B, 1, 1, C) tensor and applied with one
+      ``addcmul`` (or an in-place multiply when ``inplace`` and there is no ``beta``: only for tensors nothing
+      else reads, e.g. under ``no_grad``), instead of the reference's two full-size passes (``* x``, ``+ beta``).
+    """
+    gx = (x * x).sum(dim=(1, 2), keepdim=True).clamp_min(1e-30).sqrt()
+    scale = gamma * (gx / (gx.mean(dim=-1, keepdim=True) + eps)) + 1
+    if beta is not None:
+        return torch.addcmul(beta, x, scale)
+    return x.mul_(scale) if inplace else x * scale
+
+
 class GRN(nn.Module):
     """Global Response Normalisation (ConvNeXt-V2 / UniRepLKNet / ShiftWise), channels-last input.
 
@@ -52,12 +80,7 @@ class GRN(nn.Module):
             self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
-        y = (self.gamma * nx + 1) * x
-        if self.use_bias:
-            y = y + self.beta
-        return y
+        return grn(x, self.gamma, self.beta if self.use_bias else None, self.eps)
 
     @torch.no_grad()
     def fold_beta_into(self, linear: nn.Linear) -> nn.Linear:
