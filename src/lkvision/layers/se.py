@@ -20,7 +20,10 @@ def se_scale(x: torch.Tensor, down: nn.Conv2d, up: nn.Conv2d) -> torch.Tensor:
     """SE with the squeeze as a (B, C) mean and the two 1x1 convs as linears on it: the same function as
     :func:`se_scale_reference`, without oneDNN's per-call cost of a convolution on a 1x1 map (which measured
     0.1-15 ms per tiny conv, more than the rest of the SE). x (B, C, H, W) -> (B, C, H, W)."""
-    s = F.relu(F.linear(x.mean((2, 3)), down.weight.flatten(1), down.bias), inplace=True)
+    # the mean over (H, W) of a channels_last tensor as a reduction of its NHWC view (6x faster in bf16)
+    pooled = x.permute(0, 2, 3, 1).mean((1, 2)) if x.is_contiguous(memory_format=torch.channels_last) else \
+        x.mean((2, 3))
+    s = F.relu(F.linear(pooled, down.weight.flatten(1), down.bias), inplace=True)
     s = torch.sigmoid(F.linear(s, up.weight.flatten(1), up.bias))
     return x * s[:, :, None, None]
 

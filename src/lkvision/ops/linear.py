@@ -26,12 +26,13 @@ see the oneDNN op).
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels._common import autocast_inputs
+from .kernels._common import autocast_dtype, autocast_inputs
 
 __all__ = ["linear", "linear_reference", "LINEAR_ACTS", "onednn_linear_available", "fast_cpu_path_ok"]
 
@@ -100,6 +101,35 @@ def fast_cpu_path_ok(*tensors: Tensor | None) -> bool:
     return True
 
 
+# (id(weight), dtype) -> (weakref(weight), weight._version, cast copy). Under autocast, F.linear reuses one
+# cast of each weight per autocast region (autocast's own cache); the oneDNN op is invisible to autocast, so
+# without this cache every call would cast every weight again (28 M parameters per forward of SW-tiny).
+# Used only when no gradient is needed (a cast inside a training graph must be recorded every step); the
+# weak reference and the version counter make a stale hit impossible (in-place updates bump the version).
+_CAST_CACHE: dict[tuple[int, torch.dtype], tuple] = {}
+_CAST_CACHE_SIZE = 1024
+
+
+def _cached_cast(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    key = (id(weight), dtype)
+    hit = _CAST_CACHE.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    cast = weight.detach().to(dtype)
+    if len(_CAST_CACHE) >= _CAST_CACHE_SIZE:
+        _CAST_CACHE.pop(next(iter(_CAST_CACHE)))
+    _CAST_CACHE[key] = (weakref.ref(weight), weight._version, cast)
+    return cast
+
+
+def _autocast_weights(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Autocast's cast of an fp32 weight and bias for a no-grad call, cached per parameter (see above)."""
+    dtype = autocast_dtype(weight.device.type)
+    if dtype is None or weight.dtype == dtype or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return weight, bias
+    return _cached_cast(weight, dtype), None if bias is None else _cached_cast(bias, dtype)
+
+
 def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None, act: str | None = None) -> Tensor:
     attr, algorithm = LINEAR_ACTS[act]
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
@@ -144,6 +174,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, act: str | 
     """
     if act not in LINEAR_ACTS:
         raise ValueError(f"linear: act must be one of {tuple(LINEAR_ACTS)}, got {act!r}")
+    if not torch.is_grad_enabled() and fast_cpu_path_ok(weight, bias):
+        weight, bias = _autocast_weights(weight, bias)
     x, weight, bias = autocast_inputs(x, weight, bias)  # the residual add promotes as it would after F.linear
     fast = (x.dtype in _FAST_DTYPES and weight.dtype == x.dtype and x.dim() >= 2
             and fast_cpu_path_ok(x, weight, bias, residual) and onednn_linear_available(x.dtype))
