@@ -49,3 +49,27 @@ def test_widening_table_is_symmetric_and_small():
     lands on a width that oneDNN runs fast (>= 14)."""
     for width, extra in _CPU_NHWC_WIDEN.items():
         assert width + 2 * extra >= 14 and extra <= 2
+
+
+def test_bf16_few_channel_wide_kernels_do_not_hang():
+    """oneDNN's bf16 NHWC depth-wise kernel hangs for <= 16 channels and widths >= 15; dwconv2d computes those in
+    fp32. Run in a subprocess with a timeout, so that a regression fails instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    code = """
+import torch, torch.nn.functional as F
+from lkvision.ops import dwconv2d
+for c, kernel in ((8, (13, 13)), (16, (3, 51)), (4, (1, 15))):
+    x = torch.randn(2, c, 12, 12).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c, 1, *kernel) * 0.1
+    y = dwconv2d(x.bfloat16(), w.bfloat16(), None, "same")
+    ref = F.conv2d(x.double(), w.double(), None, padding=(kernel[0] // 2, kernel[1] // 2), groups=c)
+    assert y.dtype == torch.bfloat16 and (y.double() - ref).abs().max() < 0.1, (c, kernel)
+    with torch.autocast("cpu", torch.bfloat16):  # fp32 inputs cast by dwconv2d's autocast policy
+        y = dwconv2d(x, w, None, "same")
+    assert y.dtype == torch.bfloat16 and (y.double() - ref).abs().max() < 0.1, (c, kernel)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

@@ -110,9 +110,24 @@ def _widen_for_cpu(x: Tensor, weight: Tensor, pad4: tuple[int, int, int, int]
     return F.pad(weight, (extra, extra, 0, 0)), (left + extra, right + extra, top, bottom)
 
 
+# oneDNN's bf16 NHWC depth-wise kernel on CPU never returns for 16 or fewer channels and kernel widths >= 15
+# (oneDNN 3.12 in torch 2.13, AVX-512-bf16; found with MobileNetV2-nano's 8-channel 13x13 kernel widened to 13x15;
+# also e.g. an unmodified 3x51 strip on 16 channels). Those problems are computed in fp32 and cast back.
+_BF16_NHWC_HANG_MAX_CHANNELS = 16
+_BF16_NHWC_HANG_MIN_WIDTH = 14
+
+
+def _bf16_nhwc_would_hang(x: Tensor, weight: Tensor) -> bool:
+    return (x.dtype == torch.bfloat16 and x.shape[1] <= _BF16_NHWC_HANG_MAX_CHANNELS
+            and weight.shape[-1] >= _BF16_NHWC_HANG_MIN_WIDTH and _cpu_nhwc(x))
+
+
 def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int]) -> Tensor:
     """F.conv2d with F.pad-style (left, right, top, bottom) padding, possibly asymmetric."""
     weight, pad4 = _widen_for_cpu(x, weight, pad4)
+    if _bf16_nhwc_would_hang(x, weight):
+        with torch.autocast(x.device.type, enabled=False):  # autocast would cast the fp32 inputs back
+            return _conv(x.float(), weight.float(), None if bias is None else bias.float(), pad4).to(x.dtype)
     left, right, top, bottom = pad4
     if (left, top) == (right, bottom):
         return F.conv2d(x, weight, bias, padding=(top, left), groups=x.shape[1])
