@@ -23,8 +23,9 @@ round-to-round min-max):
   channels_last, ours vs plain, fp32 and bf16 autocast (one model and optimizer per family, shared by the
   variants); ``unireplknet_t`` and ``sw_tiny`` again share a group.
 
-The FLOP/s columns count the forward with :func:`lkvision.utils.count_flops` (x3 for a training step) and give
-the fraction of the machine's GEMM FLOP/s of that dtype.
+The FLOP/s columns count the forward with :func:`lkvision.utils.count_flops` (x3 for a training step); the
+"of GEMM" columns divide a model's FLOP/s by the FLOP/s of one 4096x1024x1024 oneDNN GEMM of the same dtype that
+runs as one more variant in the same interleaved rounds (so both see the same load), median over rounds.
 
 Targets (issue 13): infer >= 1.2x plain in every family, ``sw_tiny >= unireplknet_t``; bf16 >= 2x its own fp32;
 train >= 1.5x plain, ``sw_tiny >= 0.8x unireplknet_t``. The script prints the measured values; it asserts
@@ -84,11 +85,27 @@ def _cl(t):
     return t.to(memory_format=torch.channels_last)
 
 
+def _gemm_variants() -> tuple[dict, dict]:
+    """Interleaved variants timing one fp32 and one bf16 oneDNN GEMM (the machine's compute limit under the
+    same load as the models), and their FLOPs."""
+    from lkvision.bench.roofline import gemm_call
+
+    calls = {f"@gemm_{dt}": gemm_call(dtype) for dt, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    return {k: fn for k, (fn, _) in calls.items()}, {k: fl for k, (_, fl) in calls.items()}
+
+
+def _gemm_fraction(t: dict, key: str, flops: float, gemm: str, gemm_flops: dict) -> float:
+    """Median over rounds of (model FLOP/s) / (GEMM FLOP/s) measured in the same round."""
+    from lkvision.bench.compare import median
+
+    return median([(flops / tm) / (gemm_flops[gemm] / tg) for tm, tg in zip(t[key], t[gemm])])
+
+
 # --------------------------------------------------------------------------------------------------- sections
 def section_limits(args) -> dict:
     from lkvision.bench.roofline import machine_limits
 
-    lim = machine_limits(repeats=3 if args.quick else 5)
+    lim = machine_limits(repeats=3 if args.quick else 5, clock=args.clock)
     print(f"\n## Machine limits ({args.threads} threads)\n")
     print("| measure | value |")
     print("|---|---|")
@@ -101,11 +118,10 @@ def section_limits(args) -> dict:
     return lim
 
 
-def section_infer(args, limits: dict | None) -> list[dict]:
+def section_infer(args) -> list[dict]:
     import lkvision
 
     rows = []
-    peak = limits["gemm_fp32"]["best"] if limits else None
     for name in args.models:
         _log(f"infer: {name} ({_load()})")
         torch.manual_seed(0)
@@ -113,29 +129,28 @@ def section_infer(args, limits: dict | None) -> list[dict]:
         flops = _flops(deploy, args.batch, args.img)
         x = torch.randn(args.batch, 3, args.img, args.img)
         models = {"nchw": (deploy, x), "cl": (_cl(lkvision.reparameterize(deploy)), _cl(x))}
-        variants = {}
+        variants, gemm_flops = _gemm_variants()
         for side, plain in (("ours", False), ("plain", True)):
             for lay, (m, xx) in models.items():
                 variants[f"{side}_{lay}"] = _inference_call(m, xx, plain=plain)
         from lkvision.bench.compare import interleave, median, ratio
 
-        t = interleave(variants, rounds=args.rounds, iters=args.iters, warmup=args.warmup)
+        t = interleave(variants, rounds=args.rounds, iters=args.iters, warmup=args.warmup, clock=args.clock)
         best = {side: min((f"{side}_{lay}" for lay in models), key=lambda k: median(t[k]))
                 for side in ("ours", "plain")}
         r = ratio(t, best["plain"], best["ours"])
         ours_s = median(t[best["ours"]])
         rec = {"model": name, "times_s": t, "best": best, "ratio": r, "flops": flops,
                "img_s_ours": args.batch / ours_s, "img_s_plain": args.batch / median(t[best["plain"]]),
-               "gflops_ours": flops / ours_s / 1e9}
-        if peak:
-            rec["gemm_fraction"] = flops / ours_s / peak
+               "gflops_ours": flops / ours_s / 1e9,
+               "gemm_fraction": _gemm_fraction(t, best["ours"], flops, "@gemm_fp32", gemm_flops)}
         rows.append(rec)
     print(f"\n## fp32 inference, deploy form, batch {args.batch}, {args.img}^2: ours vs plain PyTorch "
           f"(same weights, each on its best layout)\n")
     print("| model | ours img/s (layout) | plain img/s (layout) | ours / plain | GFLOP/s | of fp32 GEMM |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        frac = f"{100 * r['gemm_fraction']:.0f}%" if "gemm_fraction" in r else "-"
+        frac = f"{100 * r['gemm_fraction']:.0f}%"
         print(f"| {r['model']} | {r['img_s_ours']:.2f} ({r['best']['ours'][5:]}) | {r['img_s_plain']:.2f} "
               f"({r['best']['plain'][6:]}) | {_fmt_ratio(r['ratio'])} | {r['gflops_ours']:.0f} | {frac} |")
     return rows
@@ -153,14 +168,15 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
 
 
-def section_bf16(args, limits: dict | None) -> list[dict]:
+def section_bf16(args) -> list[dict]:
     import lkvision
     from lkvision.bench.compare import interleave, median, ratio
 
     rows = []
     for group in _bf16_groups(args.models, args.pair):
         _log(f"bf16: {' + '.join(group)} ({_load()})")
-        variants, info = {}, {}
+        variants, gemm_flops = _gemm_variants()
+        info = {}
         for name in group:
             torch.manual_seed(0)
             fp32 = _cl(lkvision.reparameterize(lkvision.create_model(name).eval()))
@@ -177,15 +193,15 @@ def section_bf16(args, limits: dict | None) -> list[dict]:
             variants[f"{name}|fp32"] = _inference_call(fp32, x)
             variants[f"{name}|bf16"] = _inference_call(bf16, xb)
             variants[f"{name}|autocast"] = _inference_call(fp32, x, amp=True)
-        t = interleave(variants, rounds=args.rounds, iters=args.iters, warmup=args.warmup)
+        t = interleave(variants, rounds=args.rounds, iters=args.iters, warmup=args.warmup, clock=args.clock)
         for name in group:
             rec = {"model": name, **info[name], "times_s": {k: v for k, v in t.items() if k.startswith(name + "|")}}
             for mode in ("bf16", "autocast"):
                 rec[f"{mode}_vs_fp32"] = ratio(t, f"{name}|fp32", f"{name}|{mode}")
                 s = median(t[f"{name}|{mode}"])
                 rec[f"img_s_{mode}"] = args.batch / s
-                if limits:
-                    rec[f"gemm_fraction_{mode}"] = info[name]["flops"] / s / limits["gemm_bf16"]["best"]
+                rec[f"gemm_fraction_{mode}"] = _gemm_fraction(t, f"{name}|{mode}", info[name]["flops"], "@gemm_bf16",
+                                                             gemm_flops)
             rec["img_s_fp32"] = args.batch / median(t[f"{name}|fp32"])
             if len(group) == 2 and name == group[1]:
                 rec["vs_" + group[0]] = {mode: ratio(t, f"{group[0]}|{mode}", f"{name}|{mode}")
@@ -197,7 +213,7 @@ def section_bf16(args, limits: dict | None) -> list[dict]:
           "bf16 / autocast | bf16 of bf16 GEMM |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        frac = f"{100 * r['gemm_fraction_bf16']:.0f}%" if "gemm_fraction_bf16" in r else "-"
+        frac = f"{100 * r['gemm_fraction_bf16']:.0f}%"
         print(f"| {r['model']} | {r['img_s_fp32']:.2f} | {r['img_s_bf16']:.2f} | {_fmt_ratio(r['bf16_vs_fp32'])} | "
               f"{r['img_s_autocast']:.2f} | {_fmt_ratio(r['autocast_vs_fp32'])} | {r['rel_err_bf16']:.4f} / "
               f"{r['rel_err_autocast']:.4f} | {frac} |")
@@ -223,7 +239,7 @@ def _train_call(model, opt, x, y, amp: bool, plain: bool):
     return run
 
 
-def section_train(args, limits: dict | None) -> list[dict]:
+def section_train(args) -> list[dict]:
     import lkvision
     from lkvision.bench.compare import interleave, median, ratio
 
@@ -231,7 +247,8 @@ def section_train(args, limits: dict | None) -> list[dict]:
     modes = ("fp32", "autocast")
     for group in _bf16_groups(args.models, args.pair):
         _log(f"train: {' + '.join(group)} ({_load()})")
-        variants, info = {}, {}
+        variants, gemm_flops = _gemm_variants()
+        info = {}
         for name in group:
             torch.manual_seed(0)
             model = _cl(lkvision.create_model(name).train())
@@ -244,7 +261,7 @@ def section_train(args, limits: dict | None) -> list[dict]:
                 for side in ("ours", "plain"):
                     variants[f"{name}|{side}|{mode}"] = _train_call(model, opt, x, y, mode == "autocast",
                                                                     side == "plain")
-        t = interleave(variants, rounds=args.train_rounds, iters=1, warmup=1)
+        t = interleave(variants, rounds=args.train_rounds, iters=1, warmup=1, clock=args.clock)
         for name in group:
             rec = {"model": name, **info[name],
                    "times_s": {k: v for k, v in t.items() if k.startswith(name + "|")}}
@@ -253,9 +270,9 @@ def section_train(args, limits: dict | None) -> list[dict]:
                 s = median(t[f"{name}|ours|{mode}"])
                 rec[f"img_s_{mode}"] = args.batch / s
                 rec[f"img_s_plain_{mode}"] = args.batch / median(t[f"{name}|plain|{mode}"])
-                if limits:
-                    peak = limits["gemm_fp32" if mode == "fp32" else "gemm_bf16"]["best"]
-                    rec[f"gemm_fraction_{mode}"] = info[name]["flops"] / s / peak
+                rec[f"gemm_fraction_{mode}"] = _gemm_fraction(t, f"{name}|ours|{mode}", info[name]["flops"],
+                                                             "@gemm_fp32" if mode == "fp32" else "@gemm_bf16",
+                                                             gemm_flops)
             if len(group) == 2 and name == group[1]:
                 rec["vs_" + group[0]] = {mode: ratio(t, f"{group[0]}|ours|{mode}", f"{name}|ours|{mode}")
                                          for mode in modes}
@@ -266,8 +283,7 @@ def section_train(args, limits: dict | None) -> list[dict]:
           "autocast ours / plain | of GEMM (fp32 / bf16) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        frac = (f"{100 * r['gemm_fraction_fp32']:.0f}% / {100 * r['gemm_fraction_autocast']:.0f}%"
-                if "gemm_fraction_fp32" in r else "-")
+        frac = f"{100 * r['gemm_fraction_fp32']:.0f}% / {100 * r['gemm_fraction_autocast']:.0f}%"
         print(f"| {r['model']} | {r['img_s_fp32']:.2f} / {r['img_s_plain_fp32']:.2f} | "
               f"{_fmt_ratio(r['fp32_vs_plain'])} | {r['img_s_autocast']:.2f} / {r['img_s_plain_autocast']:.2f} | "
               f"{_fmt_ratio(r['autocast_vs_plain'])} | {frac} |")
@@ -294,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (inference)")
     p.add_argument("--iters", type=int, default=2, help="passes per variant per round (inference)")
     p.add_argument("--train-rounds", type=int, default=3, help="interleaved rounds of one step per variant")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="wall: elapsed time (quiet machine); cpu: process CPU time, robust on a shared machine "
+                        "with --threads 1 (lkvision.bench.compare)")
     p.add_argument("--quick", action="store_true", help="smoke run: test-size models, 64^2, 1 round")
     p.add_argument("--json", default="benchmarks/results/cpu_models.json",
                    help="where to write all records ('' to skip)")
@@ -312,18 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     load_start = _load()
     print(f"# CPU benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} threads, {datetime.now(timezone.utc).isoformat(timespec='seconds')}; {load_start} at "
-          f"start")
+          f"{args.threads} threads, {args.clock} clock, {datetime.now(timezone.utc).isoformat(timespec='seconds')}; "
+          f"{load_start} at start")
     out = {"args": {k: v for k, v in vars(args).items()}, "load_start": load_start}
-    limits = None
     if "limits" in args.sections:
-        limits = out["limits"] = section_limits(args)
+        out["limits"] = section_limits(args)
     if "infer" in args.sections:
-        out["infer"] = section_infer(args, limits)
+        out["infer"] = section_infer(args)
     if "bf16" in args.sections:
-        out["bf16"] = section_bf16(args, limits)
+        out["bf16"] = section_bf16(args)
     if "train" in args.sections:
-        out["train"] = section_train(args, limits)
+        out["train"] = section_train(args)
     out["seconds"] = time.perf_counter() - t0
     out["load_end"] = _load()
     from lkvision.bench.throughput import environment
