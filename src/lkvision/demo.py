@@ -9,6 +9,11 @@ and every layer scale / GRN non-trivial values (otherwise folding them would be 
 the eval-mode outputs of the train form and the deploy form (:func:`lkvision.reparameterize`), then report
 parameters (train form, rep branches merged, fully folded), MACs (:func:`lkvision.utils.count_macs`, batch 1)
 and eval throughput of both forms. Exit status 1 if the relative parity error exceeds ``--tol``.
+
+``--dtype bf16`` (weights and inputs cast to bf16) or ``--dtype autocast`` (fp32 weights under
+``torch.autocast("cpu", torch.bfloat16)``) times both forms in that precision and also checks the deploy form's
+bf16 logits against its fp32 logits (``max|y_bf16 - y_fp32| / max|y_fp32| <= --bf16-tol``, default
+:data:`lkvision.bench.precision.BF16_TOLERANCE`); the train/deploy parity check always runs in fp32.
 """
 
 from __future__ import annotations
@@ -49,10 +54,10 @@ def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _throughput(model: nn.Module, x: torch.Tensor, min_time: float) -> float:
+def _throughput(model: nn.Module, x: torch.Tensor, min_time: float, autocast: bool = False) -> float:
     """Images per second of eval-mode inference: at least one pass and ``min_time`` seconds (the model is
     assumed warm: the parity check already ran it on the same input)."""
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         n, t0 = 0, time.perf_counter()
         while n < 1 or time.perf_counter() - t0 < min_time:
             model(x)
@@ -85,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-flops", action="store_true", help="skip the MAC count")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--model-kwargs", default=None, help="extra model constructor kwargs as JSON")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "autocast"), default="fp32",
+                   help="precision of the timed passes: fp32, bf16 (model and input cast) or autocast (bf16)")
+    p.add_argument("--bf16-tol", type=float, default=None,
+                   help="max|y_bf16 - y_fp32| / max|y_fp32| of the deploy form (default: BF16_TOLERANCE, 5e-2)")
     args = p.parse_args(argv)
     if args.img_size < 32 or args.batch < 1:
         p.error("--img-size must be >= 32 and --batch >= 1")
@@ -116,21 +125,38 @@ def main(argv: list[str] | None = None) -> int:
           f"(build + re-parameterize {t_build:.1f} s)")
     print(f"parity (eval, randomized BN statistics): max|y_train - y_deploy| = {diff:.3e}  "
           f"(max|y| = {scale:.3f}, relative {rel:.2e}, tolerance {args.tol:.0e})")
-    print(f"{'form':<26}{'params (M)':>12}{'GMACs':>10}{'img/s':>10}")
     size = (1, model.in_chans, args.img_size, args.img_size)
     macs = {"train": float("nan"), "deploy": float("nan")}
     if not args.no_flops:
         macs = {"train": count_macs(model, size) / 1e9, "deploy": count_macs(deploy, size) / 1e9}
-    speed = {"train": _throughput(model, x, args.bench_time), "deploy": _throughput(deploy, x, args.bench_time)}
+    bf16_failed = False
+    if args.dtype != "fp32":
+        from lkvision.bench.precision import BF16_TOLERANCE, relative_error
+
+        tol = BF16_TOLERANCE if args.bf16_tol is None else args.bf16_tol
+        if args.dtype == "bf16":
+            model, deploy, x = model.to(torch.bfloat16), deploy.to(torch.bfloat16), x.to(torch.bfloat16)
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=args.dtype == "autocast"):
+            err = relative_error(deploy(x), y_deploy)
+        bf16_failed = not err <= tol
+        print(f"{args.dtype} vs fp32 (deploy form): max|y_bf16 - y_fp32| / max|y_fp32| = {err:.2e} "
+              f"(tolerance {tol:.0e})")
+    amp = args.dtype == "autocast"
+    speed = {"train": _throughput(model, x, args.bench_time, amp),
+             "deploy": _throughput(deploy, x, args.bench_time, amp)}
     rows = [("train", count_params(model), macs["train"], speed["train"]),
             # branches are summed before the op, so the merged form runs the same ops as the train form
             ("rep branches merged", _merged_params(model), macs["train"], None),
             ("deploy (fully folded)", count_params(deploy), macs["deploy"], speed["deploy"])]
+    print(f"{'form':<26}{'params (M)':>12}{'GMACs':>10}{'img/s ' + args.dtype:>16}")
     for label, n, g, sp in rows:
-        sps = f"{sp:10.2f}" if sp is not None else f"{'-':>10}"
+        sps = f"{sp:16.2f}" if sp is not None else f"{'-':>16}"
         print(f"{label:<26}{n / 1e6:12.2f}{g:10.2f}{sps}")
     if not rel <= args.tol:
         print(f"FAIL: train/deploy mismatch {rel:.2e} > {args.tol:.0e}", file=sys.stderr)
+        return 1
+    if bf16_failed:
+        print(f"FAIL: {args.dtype} deploy output differs from fp32 by more than the bf16 tolerance", file=sys.stderr)
         return 1
     print("OK: the deploy form computes the same function")
     return 0

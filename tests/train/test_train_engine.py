@@ -104,6 +104,10 @@ def test_two_epoch_bundled_run_learns_and_writes_everything(tmp_path, capsys):
     assert eval_main(["--checkpoint", str(out / f"ckpt-{steps:08d}.state.pt"), "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["top1"] == pytest.approx(s["final"]["val_top1"]) and res["images"] == 300 and res["img_per_s"] > 0
+    # --dtype bf16: weights and inputs in bf16; the accuracy stays within a few points of fp32
+    assert eval_main(["--checkpoint", str(out / f"ckpt-{steps:08d}.state.pt"), "--no-progress", "--dtype", "bf16"]) == 0
+    res_bf16 = json.loads(capsys.readouterr().out)
+    assert res_bf16["dtype"] == "bf16" and abs(res_bf16["top1"] - res["top1"]) <= 3.0, (res_bf16, res)
     assert eval_main(["--checkpoint", str(out / "deploy.safetensors"), "--model", TINY, "--deploy",
                       "--set", "input_size=32", "--set", "bundled_distractors=0", "--subset", "300",
                       "--no-progress"]) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["throughput", "dwconv"]
+__all__ = ["throughput", "dwconv", "baseline", "compare", "roofline", "precision"]
 
 
 def __getattr__(name: str):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .pointwise import pointwise_conv
+
 __all__ = ["ConvBN", "fuse_bn", "fold_bn_after_linear", "make_bn", "pad_kernel_to"]
 
 
@@ -92,7 +94,18 @@ class ConvBN(nn.Module):
         self.bn = make_bn(out_channels, sync_bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
+        return self.forward_fused(x)
+
+    def forward_fused(self, x: torch.Tensor, act: nn.Module | None = None,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(BN(conv(x))) + residual``; a 1x1 conv runs as a fused channels-last GEMM
+        (:func:`lkvision.layers.pointwise.pointwise_conv`), with the activation and the residual add fused
+        into it once the BN is folded (deploy form)."""
+        if isinstance(self.bn, nn.Identity):
+            return pointwise_conv(x, self.conv, act, residual)
+        y = self.bn(pointwise_conv(x, self.conv))
+        y = y if act is None else act(y)
+        return y if residual is None else y + residual
 
     def fused_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(kernel, bias) of the equivalent biased conv (no module change)."""

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops._fx import fx_leaf
+from ..ops.kernels._common import autocast_dtype
 
-__all__ = ["LayerNorm2d", "GRN", "layer_norm_2d"]
+__all__ = ["LayerNorm2d", "GRN", "layer_norm_2d", "grn", "grn_reference"]
 
 
 @fx_leaf
@@ -42,6 +43,62 @@ class LayerNorm2d(nn.LayerNorm):
         return layer_norm_2d(x, self.weight, self.bias, self.eps)
 
 
+def grn_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
+    """GRN as the official code writes it: ``(gamma * N(x) + 1) * x + beta`` (x (B, H, W, C))."""
+    gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)
+    y = (gamma * nx + 1) * x
+    return y if beta is None else y + beta
+
+
+class _SumSquaresHW(torch.autograd.Function):
+    """``sum(x * x)`` over (H, W) of an NHWC tensor, keepdim: (B, H, W, C) -> (B, 1, 1, C).
+
+    Autograd's own backward of ``(x * x).sum()`` multiplies the *expanded* (stride-0) gradient by ``x``; on CPU an
+    element-wise product whose first operand is broadcast runs ~9x slower than with the operands swapped
+    (measured 6.0 vs 0.68 ms at (4, 56, 56, 320)), so this backward is written as ``x * (2 * grad)``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return (x * x).sum(dim=(1, 2), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return x * (2 * grad)
+
+
+def _sum_squares_hw(x: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+        return _SumSquaresHW.apply(x)
+    return (x * x).sum(dim=(1, 2), keepdim=True)
+
+
+def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None, eps: float = 1e-6, *,
+        inplace: bool = False) -> torch.Tensor:
+    """GRN computed with cheap passes over ``x`` (B, H, W, C) -> (B, H, W, C); the same function as
+    :func:`grn_reference`.
+
+    * The L2 norm over (H, W) is ``sqrt(sum(x * x))``: ``torch.norm`` over non-trailing dims runs a scalar
+      strided reduction on CPU, measured 2-11x slower than a square and a vectorised sum (2.8 vs 1.3 ms at
+      (4, 56, 56, 320); 1.25 vs 0.11 ms at (4, 14, 14, 1280), one thread). The sum of squares is clamped at
+      1e-30 before the root, so an all-zero channel gets the zero gradient ``torch.norm`` gives it (not NaN);
+      its backward avoids a slow broadcast product (:class:`_SumSquaresHW`).
+    * The factor ``gamma * N(x) + 1`` is formed on the small (B, 1, 1, C) tensor and applied with one
+      ``addcmul`` (or an in-place multiply when ``inplace`` and there is no ``beta``: only for tensors nothing
+      else reads, e.g. under ``no_grad``), instead of the reference's two full-size passes (``* x``, ``+ beta``).
+    """
+    gx = _sum_squares_hw(x).clamp_min(1e-30).sqrt()
+    scale = gamma * (gx / (gx.mean(dim=-1, keepdim=True) + eps)) + 1
+    if scale.dtype != x.dtype and autocast_dtype(x.device.type) == x.dtype:
+        # under autocast: keep the big tensor in the autocast dtype (the next linear casts it to that anyway)
+        scale, beta = scale.to(x.dtype), None if beta is None else beta.to(x.dtype)
+    if beta is not None:
+        return torch.addcmul(beta, x, scale)
+    return x.mul_(scale) if inplace else x * scale
+
+
 class GRN(nn.Module):
     """Global Response Normalisation (ConvNeXt-V2 / UniRepLKNet / ShiftWise), channels-last input.
 
@@ -61,12 +118,7 @@ class GRN(nn.Module):
             self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
-        y = (self.gamma * nx + 1) * x
-        if self.use_bias:
-            y = y + self.beta
-        return y
+        return grn(x, self.gamma, self.beta if self.use_bias else None, self.eps)
 
     @torch.no_grad()
     def fold_beta_into(self, linear: nn.Linear) -> nn.Linear:

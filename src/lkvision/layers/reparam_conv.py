@@ -83,10 +83,8 @@ class ConvBNAct(ConvBN):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
         if self._depthwise:
-            y = depthwise_conv(x, c.weight, c.bias, c.padding, c.stride)
-        else:
-            y = c(x)
-        return self.act(self.bn(y))
+            return self.act(self.bn(depthwise_conv(x, c.weight, c.bias, c.padding, c.stride)))
+        return self.forward_fused(x, self.act)  # 1x1 convs: one fused GEMM (+ activation) once deployed
 
 
 class ReparamLargeKernelConv(nn.Module):

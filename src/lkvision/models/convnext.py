@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..layers import DropPath
+from ..layers.pointwise import passes_through, pointwise_mlp
 from ..layers.reparam_conv import DepthwiseConv2d, ReparamLargeKernelConv
 from ._base import ConvNeXtMacroNet, drop_path_rates, factory_device
 from ._pretrained import build_model_with_cfg, pretrained_cfg
@@ -51,8 +52,11 @@ class ConvNeXtBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C)
-        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # (B, H, W, C)
+        if self.gamma is None and passes_through(self.drop_path):  # deploy: residual add fused into pwconv2
+            return pointwise_mlp(y, self.pwconv1, self.act, self.pwconv2, residual=x.permute(0, 2, 3, 1)
+                                 ).permute(0, 3, 1, 2)
+        y = pointwise_mlp(y, self.pwconv1, self.act, self.pwconv2)
         if self.gamma is not None:
             y = y * self.gamma
         return x + self.drop_path(y.permute(0, 3, 1, 2))

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..layers import DropPath, make_bn
 from ..layers.conv_bn import ConvBN, fuse_bn
+from ..layers.pointwise import passes_through
 from ..layers.reparam_conv import ConvBNAct, ReparamLargeKernelConv, fold_bn_into_next_conv1x1
 from ._base import LargeKernelNet, channels_last_apply, drop_path_rates, factory_device, global_pool_2d
 from ._pretrained import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, build_model_with_cfg, pretrained_cfg
@@ -61,6 +62,8 @@ class RepLKBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.pw1(self.norm(x))
         y = self.act(self.large_kernel(y))
+        if passes_through(self.drop_path):
+            return self.pw2.forward_fused(y, residual=x)  # the residual add fused into the 1x1 conv
         return x + self.drop_path(self.pw2(y))
 
     def reparameterize(self) -> None:
@@ -84,7 +87,9 @@ class ConvFFN(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.pw1(self.norm(x)))
+        y = self.pw1.forward_fused(self.norm(x), self.act)
+        if passes_through(self.drop_path):
+            return self.pw2.forward_fused(y, residual=x)  # the residual add fused into the 1x1 conv
         return x + self.drop_path(self.pw2(y))
 
     def reparameterize(self) -> None:

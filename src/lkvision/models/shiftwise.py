@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..layers import GRN, DropPath, LayerScale2d, SEBlock, fold_bn_after_linear, make_bn
+from ..layers.pointwise import passes_through, pointwise_mlp
 from ..layers.shiftwise import ShiftWiseConv2d
 from ._base import ConvNeXtMacroNet, drop_path_rates, factory_device
 from ._pretrained import build_model_with_cfg, pretrained_cfg
@@ -77,10 +78,10 @@ class ShiftWiseBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.se(self.sw_norm(self.sw_conv(x)))
-        y = y.permute(0, 2, 3, 1)  # NHWC for the Linear layers and GRN
-        y = self.fc2(self.grn(self.act(self.fc1(y))))
-        y = self.layer_scale(self.fc_norm(y.permute(0, 3, 1, 2)))
+        y = self.se(self.sw_norm(self.sw_conv(x))).permute(0, 2, 3, 1)  # NHWC for the Linear layers and GRN
+        if passes_through(self.fc_norm, self.layer_scale, self.drop_path):  # deploy: residual add fused into fc2
+            return pointwise_mlp(y, self.fc1, self.act, self.fc2, self.grn, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        y = self.layer_scale(self.fc_norm(pointwise_mlp(y, self.fc1, self.act, self.fc2, self.grn).permute(0, 3, 1, 2)))
         return x + self.drop_path(y)
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..layers import DropPath, LayerScale2d
 from ..layers.reparam_conv import ReparamLargeKernelConv
+from ..layers.pointwise import passes_through, pointwise_mlp
 from ..layers.strip import StripConv
 from ._base import ConvNeXtMacroNet, drop_path_rates, factory_device
 from ._pretrained import build_model_with_cfg, pretrained_cfg
@@ -91,9 +92,10 @@ class SLaKBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.large_kernel(x).permute(0, 2, 3, 1)  # NHWC
-        y = self.fc2(self.act(self.fc1(self.norm(y))))
-        y = self.layer_scale(y.permute(0, 3, 1, 2))
+        y = self.norm(self.large_kernel(x).permute(0, 2, 3, 1))  # NHWC
+        if passes_through(self.layer_scale, self.drop_path):  # deploy: residual add fused into fc2
+            return pointwise_mlp(y, self.fc1, self.act, self.fc2, residual=x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        y = self.layer_scale(pointwise_mlp(y, self.fc1, self.act, self.fc2).permute(0, 3, 1, 2))
         return x + self.drop_path(y)
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..layers import GRN, DropPath, LayerScale2d, SEBlock, fold_bn_after_linear, fuse_bn, make_bn
 from ..layers.dilated import DILATED_BRANCHES, DilatedReparamConv
+from ..layers.pointwise import passes_through, pointwise_mlp
 from ._base import ConvNeXtMacroNet, drop_path_rates, factory_device
 from ._pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_model_with_cfg, pretrained_cfg
 from ._registry import register_model
@@ -90,10 +91,10 @@ class UniRepLKNetBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.se(self.dwconv_bn(self.dwconv(x)))
-        y = y.permute(0, 2, 3, 1)  # NHWC
-        y = self.fc2(self.grn(self.act(self.fc1(y))))
-        y = self.fc2_bn(y.permute(0, 3, 1, 2))
+        y = self.se(self.dwconv_bn(self.dwconv(x))).permute(0, 2, 3, 1)  # NHWC
+        if passes_through(self.fc2_bn, self.layer_scale, self.drop_path):  # deploy: residual add fused into fc2
+            return pointwise_mlp(y, self.fc1, self.act, self.fc2, self.grn, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        y = self.fc2_bn(pointwise_mlp(y, self.fc1, self.act, self.fc2, self.grn).permute(0, 3, 1, 2))
         return x + self.drop_path(self.layer_scale(y))
 
     @torch.no_grad()

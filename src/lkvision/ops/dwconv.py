@@ -81,22 +81,63 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
 
 # Asymmetric padding costs either a padded copy of the input or zero taps added to the kernel (so that conv2d's
 # symmetric padding applies). Zero taps win for small kernels, where the copy dominates the conv (SW strip M=13:
-# 2 of 15 columns; measured 0.15 vs 0.23 ms at SW-tiny stage 4 on CPU). For large kernels the copy is cheap next
-# to the conv, and oneDNN was seen to pick an intermittently slow path for the widened kernel (3x48 -> 3x49 at
-# SW-tiny stage 3: 2.6 ms in most runs, ~10 ms in some), so they keep padding the input.
+# 2 of 15 columns; measured 0.15 vs 0.23 ms at SW-tiny stage 4 on CPU). On CPU channels_last tensors they win for
+# the long strips too (measured in thread CPU time, one thread, SW-tiny deploy strips 3xL + Lx3: 1.96 -> 1.72 ms
+# at stage 2, 0.69 -> 0.52 ms at stage 3); elsewhere large kernels keep padding the input (an earlier wall-clock
+# measurement on a loaded machine had seen oneDNN pick an intermittently slow path for a widened 3x49 kernel).
 _MAX_ZERO_TAP_FRACTION = 0.25
 _MAX_ZERO_TAP_KERNEL = 64  # kernel taps (KH*KW) up to which zero taps may be used
 
 
+# oneDNN's NHWC depth-wise kernel on CPU (brdgmm_dw, oneDNN 3.x, AVX-512) is slow for kernel widths 10-13:
+# measured per tap at (4, 160, 28, 28), one thread, fp32 (bf16 alike): widths 3-9: 8-11 units, 10-11: 12-14,
+# 12-13: 21-22, 14-23: 6-7. A 13x13 kernel (UniRepLKNet, the last stage of RepLKNet / ConvNeXt-LK / SLaK) thus
+# runs 3x faster widened to 13x15 with a zero column on each side (2.8 vs 8.5 ms at (4, 80, 56, 56)), although
+# it does 15% more multiply-adds. Widths in this table get that many zero columns on each side on CPU
+# channels_last tensors (the adjoint of the padding is the same widening, so backward benefits too).
+_CPU_NHWC_WIDEN = {10: 2, 11: 2, 12: 1, 13: 1}
+
+
+def _cpu_nhwc(x: Tensor) -> bool:
+    """A CPU tensor in channels_last layout (oneDNN's NHWC depth-wise kernel will run)."""
+    return x.device.type == "cpu" and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _widen_for_cpu(x: Tensor, weight: Tensor, pad4: tuple[int, int, int, int]
+                   ) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """Zero columns for kernel widths that oneDNN's CPU NHWC depth-wise kernel runs slowly (table above)."""
+    extra = _CPU_NHWC_WIDEN.get(weight.shape[-1], 0)
+    if not extra or not _cpu_nhwc(x):
+        return weight, pad4
+    left, right, top, bottom = pad4
+    return F.pad(weight, (extra, extra, 0, 0)), (left + extra, right + extra, top, bottom)
+
+
+# oneDNN's bf16 NHWC depth-wise kernel on CPU never returns for 16 or fewer channels and kernel widths >= 15
+# (oneDNN 3.12 in torch 2.13, AVX-512-bf16; found with MobileNetV2-nano's 8-channel 13x13 kernel widened to 13x15;
+# also e.g. an unmodified 3x51 strip on 16 channels). Those problems are computed in fp32 and cast back.
+_BF16_NHWC_HANG_MAX_CHANNELS = 16
+_BF16_NHWC_HANG_MIN_WIDTH = 14
+
+
+def _bf16_nhwc_would_hang(x: Tensor, weight: Tensor) -> bool:
+    return (x.dtype == torch.bfloat16 and x.shape[1] <= _BF16_NHWC_HANG_MAX_CHANNELS
+            and weight.shape[-1] >= _BF16_NHWC_HANG_MIN_WIDTH and _cpu_nhwc(x))
+
+
 def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int]) -> Tensor:
     """F.conv2d with F.pad-style (left, right, top, bottom) padding, possibly asymmetric."""
+    weight, pad4 = _widen_for_cpu(x, weight, pad4)
+    if _bf16_nhwc_would_hang(x, weight):
+        with torch.autocast(x.device.type, enabled=False):  # autocast would cast the fp32 inputs back
+            return _conv(x.float(), weight.float(), None if bias is None else bias.float(), pad4).to(x.dtype)
     left, right, top, bottom = pad4
     if (left, top) == (right, bottom):
         return F.conv2d(x, weight, bias, padding=(top, left), groups=x.shape[1])
     kh, kw = weight.shape[-2:]
     pw, ph = max(left, right), max(top, bottom)
     extra_taps = (kh + 2 * ph - top - bottom) * (kw + 2 * pw - left - right) - kh * kw
-    if kh * kw <= _MAX_ZERO_TAP_KERNEL and extra_taps <= _MAX_ZERO_TAP_FRACTION * kh * kw:
+    if (kh * kw <= _MAX_ZERO_TAP_KERNEL or _cpu_nhwc(x)) and extra_taps <= _MAX_ZERO_TAP_FRACTION * kh * kw:
         weight = F.pad(weight, (pw - left, pw - right, ph - top, ph - bottom))
         return F.conv2d(x, weight, bias, padding=(ph, pw), groups=x.shape[1])
     sw, sh = min(left, right), min(top, bottom)
