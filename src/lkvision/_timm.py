@@ -166,6 +166,8 @@ class _RegisterAfterTimm(importlib.abc.Loader):
     def exec_module(self, module: types.ModuleType) -> None:
         from .data._compat import ensure_torchvision
 
+        _remove_hook()  # timm is being imported now: the hook's work is done
+
         try:
             ensure_torchvision()
         except Exception:  # noqa: BLE001 - torchvision absent or broken: timm's own import reports it
@@ -183,15 +185,26 @@ class _RegisterAfterTimm(importlib.abc.Loader):
 
 
 class _TimmImportHook(importlib.abc.MetaPathFinder):
-    """One-shot finder: on ``import timm``, hands back timm's own spec with its loader wrapped."""
+    """Finder for ``timm``: hands back timm's own spec (from the finders after it) with its loader wrapped.
+
+    It stays on ``sys.meta_path`` until timm is actually executed (the wrapped loader removes it): libraries
+    probe for timm with ``importlib.util.find_spec("timm")`` without importing it (transformers does), and a
+    hook that removed itself on the first lookup would miss the real import after such a probe.
+    """
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "timm":
             return None
-        _remove_hook()
-        spec = importlib.util.find_spec("timm")
-        if spec is None or spec.loader is None:
+        for finder in list(sys.meta_path):
+            if isinstance(finder, _TimmImportHook) or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
             return None
+        if spec.loader is None or isinstance(spec.loader, _RegisterAfterTimm):
+            return spec
         spec.loader = _RegisterAfterTimm(spec.loader)
         return spec
 

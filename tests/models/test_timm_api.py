@@ -41,6 +41,20 @@ def test_import_lkvision_registers_with_timm_without_importing_it():
     assert out.strip() == "(3, 384, 384)"
 
 
+def test_find_spec_probe_does_not_disarm_the_import_hook():
+    """Libraries probe for timm with ``importlib.util.find_spec`` before importing it (transformers'
+    ``is_timm_available``); the later real import must still register lkvision's models."""
+    _run("""
+        import importlib.util, sys
+        import lkvision
+        assert importlib.util.find_spec("timm") is not None and "timm" not in sys.modules
+        assert importlib.util.find_spec("timm") is not None       # probed twice: still one hook, still armed
+        import timm
+        assert "sw_femto" in timm.list_models("sw_*") and timm.create_model("sw_femto").num_classes == 1000
+        assert not any(type(f).__name__ == "_TimmImportHook" for f in sys.meta_path)   # gone after the import
+    """)
+
+
 def test_timm_imported_first_registers_on_import_lkvision():
     _run("""
         import importlib.util, sys
