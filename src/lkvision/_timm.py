@@ -204,7 +204,8 @@ class _TimmImportHook(importlib.abc.MetaPathFinder):
             self._busy = False
         if spec is None or spec.loader is None:
             return None
-        spec.loader = _RegisterAfterTimm(spec.loader)
+        if not isinstance(spec.loader, _RegisterAfterTimm):  # never wrap twice
+            spec.loader = _RegisterAfterTimm(spec.loader)
         return spec
 
 

@@ -382,3 +382,36 @@ def test_numpy_scalar_checkpoints_load_safely(mmseg_models, tmp_path):
         torch.save(dict(state_dict=dict(w=torch.ones(2)), extra=obj), tmp_path / f"other{i}.pth")
         with allow_numpy_checkpoints(), pytest.raises(Exception, match="weights_only|Unsupported global"):
             _load_checkpoint(str(tmp_path / f"other{i}.pth"), map_location="cpu")
+
+
+def test_fewer_outputs_layer_ids_and_official_norms():
+    """A backbone without the stages after its last output (``out_indices=(0, 1, 2)``) gets the layer ids the full
+    backbone gives those parameters; an official downstream checkpoint (``norm0..3``) loads into a backbone that
+    returns only some stages (the norms of the other stages are dropped, not taken for a different layout)."""
+    from lkvision.integrations.backbone import build_backbone, layer_id, load_backbone_weights
+
+    full, short = build_backbone("sw_femto"), build_backbone("sw_femto", out_indices=(0, 1, 2))
+    assert len(short.stage_pairs()) == 3
+    for decay_type, num_layers in (("layer_wise", 4), ("stage_wise", 6)):
+        by_name = {}
+        for model in (full, short):
+            ids = layer_id(model, decay_type, num_layers)
+            by_name[model] = {n: ids[id(p)] for n, p in model.named_parameters() if id(p) in ids}
+        assert by_name[short] and all(by_name[full][n] == v for n, v in by_name[short].items())
+        body = {n for n, _ in short.named_parameters() if not n.startswith("feature_norms.")}
+        assert set(by_name[short]) == body, decay_type
+
+    official = {k: v for k, v in golden_tensors("sw_dev").items() if not k.startswith("__")}
+    g = torch.Generator().manual_seed(0)
+    for i, c in enumerate(full.feature_info.channels()):
+        official[f"norm{i}.weight"] = torch.rand(c, generator=g) + 0.5
+        official[f"norm{i}.bias"] = torch.randn(c, generator=g)
+    last3 = build_backbone("sw_femto", out_indices=(1, 2, 3))
+    for model in (full, last3):
+        assert load_backbone_weights(model, "sw_femto", official)["missing"] == []
+    for i in (1, 2, 3):
+        torch.testing.assert_close(last3.feature_norms[str(i)].weight, official[f"norm{i}.weight"], atol=0, rtol=0)
+    x = golden_tensors("sw_dev")["__input__"]
+    with torch.no_grad():
+        for a, b in zip(last3.eval()(x), full.eval()(x)[1:]):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)

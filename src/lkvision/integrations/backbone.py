@@ -118,12 +118,15 @@ def load_backbone_weights(model: nn.Module, model_name: str, checkpoint: str | o
             sd = load_state_dict_file(checkpoint)
     sd = _strip_prefix(sd, prefix)
     own = model.state_dict()
-    # the output norms: lkvision's names or the official downstream ``norm{i}``
+    # the output norms: lkvision's names or the official downstream ``norm{i}`` (the official backbones build
+    # one for every stage; those of stages this model does not return are dropped, not converted)
     norms: dict[str, torch.Tensor] = {}
     for k in list(sd):
         m = _NORM_KEY.match(k)
-        if m and f"feature_norms.{m.group(1)}.{m.group(2)}" in own:
-            norms[f"feature_norms.{m.group(1)}.{m.group(2)}"] = sd.pop(k)
+        if m:
+            v = sd.pop(k)
+            if f"feature_norms.{m.group(1)}.{m.group(2)}" in own:
+                norms[f"feature_norms.{m.group(1)}.{m.group(2)}"] = v
         elif k.startswith("feature_norms."):
             norms[k] = sd.pop(k)
     body_keys = {k for k in own if not k.startswith("feature_norms.")}
@@ -200,11 +203,13 @@ def layer_id(model: nn.Module, decay_type: str, num_layers: int) -> dict[int, in
     block j of stage 2: ``3 + j // 3``; downsample 3 + stage 3: ``num_layers``; anything else (output norms,
     neck, heads): ``num_layers + 1``. ``stage_wise`` (SLaK): stems/downsamples 0, stage i: ``i + 1``, anything
     else ``num_layers + 1``. The LR scale of layer id ``l`` is ``decay_rate ** (num_layers + 1 - l)``.
-    Parameters of ``model`` not listed get the "anything else" id (the caller decides).
+    Parameters of ``model`` not listed get the "anything else" id (the caller decides). A ``features_only``
+    model without the stages after its last output (``out_indices=(0, 1, 2)``) gets the ids of the stages it has.
     """
     pairs = stage_modules(model)
-    if len(pairs) != 4:
-        raise ValueError(f"layer-wise LR decay needs a 4-stage backbone, got {len(pairs)} stages")
+    num_stages = len(model.feature_info)  # every stage, also those a features_only model removed
+    if num_stages != 4:
+        raise ValueError(f"layer-wise LR decay needs a 4-stage backbone, got {num_stages} stages")
     ids: dict[int, int] = {}
 
     def put(module: nn.Module, value: int) -> None:
@@ -212,22 +217,22 @@ def layer_id(model: nn.Module, decay_type: str, num_layers: int) -> dict[int, in
             ids[id(p)] = value
 
     if decay_type == "layer_wise":
-        put(pairs[0][0], 0)
-        put(pairs[0][1], 1)
-        put(pairs[1][0], 2)
-        put(pairs[1][1], 2)
-        put(pairs[2][0], 3)
-        blocks = list(pairs[2][1].children()) if isinstance(pairs[2][1], nn.Sequential) else [pairs[2][1]]
-        last = 3 + (len(blocks) - 1) // 3
-        if last >= num_layers:
-            raise ValueError(
-                f"num_layers={num_layers} is too small for {len(blocks)} blocks in stage 2 (their ids reach "
-                f"{last}); use num_layers >= {last + 1} (the official configs: 9 for 18 blocks, 12 for 27)"
-            )
-        for j, block in enumerate(blocks):
-            put(block, 3 + j // 3)
-        put(pairs[3][0], num_layers)
-        put(pairs[3][1], num_layers)
+        whole = {0: (0, 1), 1: (2, 2), 3: (num_layers, num_layers)}  # stage -> (id of pre, id of stage)
+        for i, (pre, stage) in enumerate(pairs):
+            if i in whole:
+                put(pre, whole[i][0])
+                put(stage, whole[i][1])
+                continue
+            blocks = list(stage.children()) if isinstance(stage, nn.Sequential) else [stage]
+            last = 3 + (len(blocks) - 1) // 3
+            if last >= num_layers:
+                raise ValueError(
+                    f"num_layers={num_layers} is too small for {len(blocks)} blocks in stage 2 (their ids reach "
+                    f"{last}); use num_layers >= {last + 1} (the official configs: 9 for 18 blocks, 12 for 27)"
+                )
+            put(pre, 3)
+            for j, block in enumerate(blocks):
+                put(block, 3 + j // 3)
     elif decay_type == "stage_wise":
         if num_layers < 4:
             raise ValueError(f"stage_wise decay needs num_layers >= 4 (one id per stage), got {num_layers}")
