@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._fx import fx_leaf
+from ..ops._fx import fx_leaf, fx_traces_as
 from ..ops.kernels._common import autocast_dtype
 
 __all__ = ["LayerNorm2d", "GRN", "layer_norm_2d", "grn", "grn_reference"]
@@ -14,11 +14,13 @@ __all__ = ["LayerNorm2d", "GRN", "layer_norm_2d", "grn", "grn_reference"]
 
 @fx_leaf
 def layer_norm_2d(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                  eps: float) -> torch.Tensor:
-    """LayerNorm over the channels of (B, C, H, W) ``x``; ``weight``/``bias`` (C,) or None."""
+                  eps: float, num_channels: int | None = None) -> torch.Tensor:
+    """LayerNorm over the channels of (B, C, H, W) ``x``; ``weight``/``bias`` (C,) or None. ``num_channels``
+    (C) keeps the normalised shape a constant for tracers (ONNX export); by default it is read from ``x``."""
     if x.is_contiguous(memory_format=torch.channels_last):
         # (B, C, H, W) stored as NHWC: normalise the contiguous last dim without copies.
-        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps)
+        c = x.shape[1] if num_channels is None else num_channels
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (c,), weight, bias, eps)
         return y.permute(0, 3, 1, 2)
     u = x.mean(1, keepdim=True)
     s = (x - u).pow(2).mean(1, keepdim=True)
@@ -40,11 +42,13 @@ class LayerNorm2d(nn.LayerNorm):
         super().__init__(num_channels, eps=eps, elementwise_affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm_2d(x, self.weight, self.bias, self.eps)
+        return layer_norm_2d(x, self.weight, self.bias, self.eps, self.normalized_shape[0])
 
 
-def grn_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
-    """GRN as the official code writes it: ``(gamma * N(x) + 1) * x + beta`` (x (B, H, W, C))."""
+def grn_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None, eps: float = 1e-6, *,
+                  inplace: bool = False) -> torch.Tensor:
+    """GRN as the official code writes it: ``(gamma * N(x) + 1) * x + beta`` (x (B, H, W, C)). ``inplace`` is
+    accepted for signature parity with :func:`grn` and ignored (the reference never writes into ``x``)."""
     gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
     nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)
     y = (gamma * nx + 1) * x
@@ -75,6 +79,7 @@ def _sum_squares_hw(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum(dim=(1, 2), keepdim=True)
 
 
+@fx_traces_as(grn_reference)
 def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None, eps: float = 1e-6, *,
         inplace: bool = False) -> torch.Tensor:
     """GRN computed with cheap passes over ``x`` (B, H, W, C) -> (B, H, W, C); the same function as

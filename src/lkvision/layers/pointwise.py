@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..ops.linear import linear
 from .drop import DropPath
+from ..ops._fx import fx_traces_as
 from .norm import GRN, grn
 
 __all__ = ["pointwise_mlp", "pointwise_mlp_reference", "pointwise_conv", "pointwise_conv_reference",
@@ -54,6 +55,7 @@ def pointwise_mlp_reference(x: Tensor, fc1: nn.Linear, act: nn.Module | None, fc
     return y if residual is None else y + residual
 
 
+@fx_traces_as(pointwise_mlp_reference)
 def pointwise_mlp(x: Tensor, fc1: nn.Linear, act: nn.Module | None, fc2: nn.Linear,
                   grn_layer: GRN | None = None, residual: Tensor | None = None) -> Tensor:
     """The channels-last MLP of a ConvNeXt-style block: ``fc2(grn(act(fc1(x)))) + residual``.
@@ -91,6 +93,7 @@ def pointwise_conv_reference(x: Tensor, conv: nn.Conv2d, act: nn.Module | None =
     return y if residual is None else y + residual
 
 
+@fx_traces_as(pointwise_conv_reference)
 def pointwise_conv(x: Tensor, conv: nn.Conv2d, act: nn.Module | None = None,
                    residual: Tensor | None = None) -> Tensor:
     """``act(conv(x)) + residual`` for a conv module; a 1x1, stride-1, ungrouped conv runs as a channels-last

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._fx import fx_traces_as
+
 __all__ = ["SEBlock", "se_scale", "se_scale_reference"]
 
 
@@ -16,6 +18,7 @@ def se_scale_reference(x: torch.Tensor, down: nn.Conv2d, up: nn.Conv2d) -> torch
     return x * s
 
 
+@fx_traces_as(se_scale_reference)
 def se_scale(x: torch.Tensor, down: nn.Conv2d, up: nn.Conv2d) -> torch.Tensor:
     """SE with the squeeze as a (B, C) mean and the two 1x1 convs as linears on it: the same function as
     :func:`se_scale_reference`, without oneDNN's per-call cost of a convolution on a 1x1 map (which measured

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["fx_leaf"]
+__all__ = ["fx_leaf", "fx_traces_as"]
 
 F = TypeVar("F", bound=Callable)
 
@@ -31,3 +31,22 @@ def fx_leaf(fn: F) -> F:
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def fx_traces_as(reference: Callable) -> Callable[[F], F]:
+    """Decorator for a fast path with a reference twin of the same signature: given an ``fx.Proxy`` argument,
+    the reference runs instead, so ``torch.fx`` records its standard ops (the fast path branches on tensor
+    layouts, dtypes and autograd state, which symbolic tracing cannot follow). Both compute the same function,
+    so the traced graph computes what the eager model does."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, torch.fx.Proxy):
+                    return reference(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
