@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops._fx import fx_traces_as
 from ..ops.linear import linear
 from .drop import DropPath
-from ..ops._fx import fx_traces_as
 from .norm import GRN, grn
 
 __all__ = ["pointwise_mlp", "pointwise_mlp_reference", "pointwise_conv", "pointwise_conv_reference",

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from ..layers import DropPath, LayerScale2d
-from ..layers.reparam_conv import ReparamLargeKernelConv
 from ..layers.pointwise import passes_through, pointwise_mlp
+from ..layers.reparam_conv import ReparamLargeKernelConv
 from ..layers.strip import StripConv
 from ._base import ConvNeXtMacroNet, drop_path_rates, factory_device
 from ._pretrained import build_model_with_cfg, pretrained_cfg
