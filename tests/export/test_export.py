@@ -3,6 +3,8 @@ and torch.compile of a training-form model."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -102,5 +104,14 @@ def test_torch_compile_training_form():
     y_ref = model(x)  # BN batch statistics: same batch -> same output
     y_ref.square().mean().backward()
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    for n, p in model.named_parameters():  # fp32 re-association noise, relative to each gradient's scale
-        assert (grads[n] - p.grad).abs().max() <= 1e-3 * p.grad.abs().max() + 1e-6, n
+    # The gradients are compared with an fp64 run of the same model: the compiled graph (standard ops) must be
+    # about as accurate as eager mode (CPU fast paths, another summation order). BN weight gradients are sums
+    # with heavy cancellation, so fp32 noise there is ~1e-2 of their size whatever the path; a direct
+    # compiled-vs-eager bound would be either that loose or flaky.
+    m64 = copy.deepcopy(model).double()
+    m64(x.double()).square().mean().backward()
+    for (n, p), p64 in zip(model.named_parameters(), m64.parameters()):
+        truth = p64.grad.float()
+        err_compiled = (grads[n] - truth).abs().max()
+        err_eager = (p.grad - truth).abs().max()
+        assert err_compiled <= 4 * err_eager + 1e-4 * truth.abs().max() + 1e-7, (n, err_compiled, err_eager)
