@@ -233,3 +233,30 @@ def test_expand_to_all_channels_is_a_pure_permutation(ghost_ratio, restore):
 def test_expand_to_all_channels_needs_the_deploy_form():
     with pytest.raises(RuntimeError, match="deploy form"):
         ShiftWiseConv2d(8, 7, 3).expand_to_all_channels()
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_select_channels_matches_index_select_and_keeps_channels_last(layout):
+    """The ghost split's gather: values and gradients of ``index_select(1, idx)`` exactly, in the input's layout
+    (a channels_last model stays channels_last after the split)."""
+    from lkvision.layers.shiftwise import select_channels, select_channels_reference
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 9, 5, 6, generator=g).contiguous(memory_format=layout)
+    idx = torch.tensor([7, 0, 3, 8, 2])
+    go = torch.randn(2, 5, 5, 6, generator=g)
+    outs, grads = [], []
+    for fn in (select_channels, select_channels_reference):
+        xi = x.clone().requires_grad_()
+        y = fn(xi, idx)
+        y.backward(go.contiguous(memory_format=layout))
+        outs.append(y)
+        grads.append(xi.grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    if layout == torch.channels_last:
+        assert outs[0].is_contiguous(memory_format=torch.channels_last)
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    m = ShiftWiseConv2d(12, 7, ghost_ratio=0.3).to(memory_format=torch.channels_last)
+    y = m(torch.randn(2, 12, 8, 8).contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)  # the split and the join keep the layout

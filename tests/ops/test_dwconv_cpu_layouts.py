@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lkvision.ops import dwconv2d
-from lkvision.ops.dwconv import _CPU_NHWC_WIDEN, normalize_padding
+from lkvision.ops.dwconv import _CPU_NHWC_WIDEN, dwconv2d_grad_weight, normalize_padding
 
 
 def _ref(x, w, b, pad4):
@@ -44,6 +44,24 @@ def test_cpu_channels_last_rewrites(dtype, kernel, padding):
         torch.testing.assert_close(a.grad.double(), r.grad, **gtol)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("kernel,pad4", [((3, 48), (23, 24, 1, 1)), ((51, 3), (1, 1, 24, 26)), ((3, 3), (1, 1, 1, 1))])
+def test_grad_weight_bf16_on_cpu(kernel, pad4, layout):
+    """bf16 weight gradients run oneDNN's bf16 kernel on the (1, B*C, Hp, Wp) fold (fp32 accumulation inside,
+    batch summed in fp32): within 1e-2 of the float64 gradient relative to its largest entry (measured 3.5e-3;
+    the result itself is rounded to bf16, 2e-3), in any input layout; fp32 (channels_last fold) within 1e-4."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 24, 14, 15, generator=g).contiguous(memory_format=layout)
+    go = torch.randn(3, 24, 14, 15, generator=g).contiguous(memory_format=layout)
+    out = dwconv2d_grad_weight(go.bfloat16(), x.bfloat16(), kernel, pad4)
+    assert out.dtype == torch.bfloat16 and out.shape == (24, 1, *kernel)
+    want = dwconv2d_grad_weight(go.bfloat16().double(), x.bfloat16().double(), kernel, pad4)
+    assert (out.double() - want).abs().max() <= 1e-2 * want.abs().max()
+    fp32 = dwconv2d_grad_weight(go, x, kernel, pad4)
+    torch.testing.assert_close(fp32.double(), dwconv2d_grad_weight(go.double(), x.double(), kernel, pad4),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_widening_table_is_symmetric_and_small():
     """Each listed width gets the same number of zero columns on both sides (the output size is unchanged) and
     lands on a width that oneDNN runs fast (>= 14)."""
@@ -69,6 +87,18 @@ for c, kernel in ((8, (13, 13)), (16, (3, 51)), (4, (1, 15))):
     with torch.autocast("cpu", torch.bfloat16):  # fp32 inputs cast by dwconv2d's autocast policy
         y = dwconv2d(x, w, None, "same")
     assert y.dtype == torch.bfloat16 and (y.double() - ref).abs().max() < 0.1, (c, kernel)
+# the weight gradient folds the batch into the channels: (1, B*C <= 16, Hp, Wp) with an Ho x Wo >= 14 kernel
+x = torch.randn(1, 8, 16, 16, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+w = (torch.randn(8, 1, 3, 15) * 0.1).bfloat16().requires_grad_()
+dwconv2d(x, w, None, "same").float().sum().backward()
+wr = w.detach().double().requires_grad_()
+F.conv2d(x.double(), wr, None, padding=(1, 7), groups=8).sum().backward()
+assert (w.grad.double() - wr.grad).abs().max() < 1e-2 * wr.grad.abs().max(), "grad_weight"
+# a bf16 weight gradient whose NHWC fold (72 channels, 14 x 15 kernel) hangs oneDNN with 2 threads
+torch.set_num_threads(2)
+x = torch.randn(3, 24, 14, 15).bfloat16().contiguous(memory_format=torch.channels_last)
+w = (torch.randn(24, 1, 3, 48) * 0.1).bfloat16().requires_grad_()
+dwconv2d(x, w, None, (23, 24, 1, 1)).float().sum().backward()
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -27,6 +27,7 @@ FAST_PATHS: tuple[tuple[str, str, str], ...] = (
     ("lkvision.layers.pointwise", "pointwise_conv", "pointwise_conv_reference"),
     ("lkvision.layers.norm", "grn", "grn_reference"),
     ("lkvision.layers.se", "se_scale", "se_scale_reference"),
+    ("lkvision.layers.shiftwise", "select_channels", "select_channels_reference"),
 )
 
 

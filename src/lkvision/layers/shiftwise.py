@@ -35,7 +35,7 @@ from torch import nn
 from ..ops import fold_shiftwise_weight, make_shift_tables, shiftwise_conv, shiftwise_deploy_conv, strip_paddings
 from .conv_bn import make_bn
 
-__all__ = ["ShiftWiseConv2d", "ghost_split", "bn_affine"]
+__all__ = ["ShiftWiseConv2d", "ghost_split", "bn_affine", "select_channels", "select_channels_reference"]
 
 
 def ghost_split(channels: int, ghost_ratio: float, seed: int = 123) -> tuple[list[int], list[int]]:
@@ -58,6 +58,24 @@ def ghost_split(channels: int, ghost_ratio: float, seed: int = 123) -> tuple[lis
     gset = set(ghost)
     rep = [c for c in range(channels) if c not in gset]
     return rep, ghost
+
+
+def select_channels_reference(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(1, index)``: (B, C, H, W) -> (B, len(index), H, W), always contiguous (NCHW)."""
+    return x.index_select(1, index)
+
+
+def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """:func:`select_channels_reference` that keeps a channels_last input channels_last (the gather runs along
+    the last dimension of the NHWC view; its backward then scatters into an NHWC gradient too).
+
+    ``index_select`` returns NCHW for any input, so in a channels_last model every op after the ghost split
+    (the BNs after the shift, the residual add, the concatenation, the next BN, SE, the permute before the
+    Linear layers) mixed layouts, in both directions: a mixed-layout BatchNorm backward on CPU runs 3-4x slower."""
+    if (isinstance(x, torch.Tensor) and x.dim() == 4 and not x.is_contiguous()  # not under torch.fx tracing
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
+    return x.index_select(1, index)
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -203,14 +221,14 @@ class ShiftWiseConv2d(nn.Module):
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ghost_channels == 0:
             return x, x[:, :0]
-        return x.index_select(1, self.rep_idx), x.index_select(1, self.ghost_idx)
+        return select_channels(x, self.rep_idx), select_channels(x, self.ghost_idx)
 
     def _join(self, y_rep: torch.Tensor, x_ghost: torch.Tensor) -> torch.Tensor:
         if self.ghost_channels == 0:
             return y_rep
         out = torch.cat([y_rep, x_ghost], dim=1)
         if self.restore_channel_order:
-            out = out.index_select(1, self._restore_idx)
+            out = select_channels(out, self._restore_idx)
         return out
 
     # ------------------------------------------------------------------------------------------ forward

@@ -191,15 +191,26 @@ def dwconv2d_grad_weight(grad_out: Tensor, x: Tensor, kernel_hw: tuple[int, int]
     ONE depth-wise conv2d with the batch folded into the channels: the padded input as (1, B*C, Hp, Wp),
     the output gradient as a (B*C, 1, Ho, Wo) kernel, giving (1, B*C, KH, KW), then a sum over the batch.
     Measured on CPU it is 10-100x faster than PyTorch's own depth-wise weight gradient for long strips.
-    Half-precision inputs accumulate in float32."""
+    float16 accumulates in float32. On CPU, bfloat16 runs oneDNN's bf16 kernel on the NCHW fold (``jit_dw``,
+    fp32 accumulation inside; 1.2-4x faster than casting to fp32 at SW-tiny's strips) and sums the batch in
+    fp32, and float32 folds the input as channels_last (oneDNN's NHWC ``brdgmm_dw`` kernel: 1.1-3x faster
+    than NCHW there). Not bf16 on the NHWC fold: oneDNN's bf16 NHWC kernel hangs for some of these problems
+    with 2 threads (e.g. 72 channels, a 14 x 15 kernel). Elsewhere bfloat16 is cast to fp32 as well."""
     b, c, ho, wo = grad_out.shape
     kh, kw = kernel_hw
-    work = torch.float32 if grad_out.dtype in (torch.float16, torch.bfloat16) else grad_out.dtype
-    xp = F.pad(x.to(work), pad4).contiguous()
+    cpu = grad_out.device.type == "cpu"
+    half = grad_out.dtype in (torch.float16, torch.bfloat16)
+    work = torch.float32 if half and not (cpu and grad_out.dtype == torch.bfloat16) else grad_out.dtype
+    xp = F.pad(x.to(work), pad4)
+    hp, wp = xp.shape[-2:]
+    if cpu and work == torch.float32:  # (1, B*C, Hp, Wp) channels_last = memory (Hp, Wp, B, C): one copy
+        inp = xp.permute(2, 3, 0, 1).reshape(1, hp, wp, b * c).permute(0, 3, 1, 2)
+    else:
+        inp = xp.contiguous().reshape(1, b * c, hp, wp)
     g = grad_out.to(work).contiguous()
-    inp = xp.reshape(1, b * c, xp.shape[-2], xp.shape[-1])
     gw = F.conv2d(inp, g.reshape(b * c, 1, ho, wo), groups=b * c)  # (1, B*C, KH, KW)
-    return gw.reshape(b, c, kh, kw).sum(0).reshape(c, 1, kh, kw).to(grad_out.dtype)
+    return gw.reshape(b, c, kh, kw).sum(0, dtype=torch.float32 if half else None).reshape(c, 1, kh, kw).to(
+        grad_out.dtype)
 
 
 def _triton_reason(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int],
