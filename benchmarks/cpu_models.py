@@ -217,12 +217,17 @@ def section_bf16(args) -> list[dict]:
         print(f"| {r['model']} | {r['img_s_fp32']:.2f} | {r['img_s_bf16']:.2f} | {_fmt_ratio(r['bf16_vs_fp32'])} | "
               f"{r['img_s_autocast']:.2f} | {_fmt_ratio(r['autocast_vs_fp32'])} | {r['rel_err_bf16']:.4f} / "
               f"{r['rel_err_autocast']:.4f} | {frac} |")
+    _print_pairs(rows, "")
+    return rows
+
+
+def _print_pairs(rows: list[dict], what: str) -> None:
+    """Print the ``vs_<other>`` ratios of the models that shared an interleaved group with another model."""
     for r in rows:
         for key, val in r.items():
             if key.startswith("vs_"):
-                print(f"\n{r['model']} / {key[3:]} (same group): " + ", ".join(
+                print(f"\n{r['model']} / {key[3:]}{what} (same group): " + ", ".join(
                     f"{mode} {_fmt_ratio(v)}" for mode, v in val.items()))
-    return rows
 
 
 def _train_call(model, opt, x, y, amp: bool, plain: bool):
@@ -287,11 +292,7 @@ def section_train(args) -> list[dict]:
         print(f"| {r['model']} | {r['img_s_fp32']:.2f} / {r['img_s_plain_fp32']:.2f} | "
               f"{_fmt_ratio(r['fp32_vs_plain'])} | {r['img_s_autocast']:.2f} / {r['img_s_plain_autocast']:.2f} | "
               f"{_fmt_ratio(r['autocast_vs_plain'])} | {frac} |")
-    for r in rows:
-        for key, val in r.items():
-            if key.startswith("vs_"):
-                print(f"\n{r['model']} / {key[3:]} training step (same group): " + ", ".join(
-                    f"{mode} {_fmt_ratio(v)}" for mode, v in val.items()))
+    _print_pairs(rows, " training step")
     return rows
 
 
