@@ -76,6 +76,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         if rank == 0:
             with open(out, "w") as f:
                 f.write("\n".join(res))
+        dist.barrier()  # both ranks done before the teardown
     finally:
         dist.destroy_process_group()
 

@@ -166,6 +166,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
         s = train(cfg, DistInfo(rank, world, rank, torch.device("cpu"), True, False))
         if rank == 0:
             Path(out, "summary.json").write_text(json.dumps(s))
+        dist.barrier()  # both ranks done before the teardown (gloo aborted a rank that tore down early, rarely)
     finally:
         dist.destroy_process_group()
 

@@ -67,8 +67,13 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev, True, True)
 
 
-def cleanup_distributed(info: DistInfo) -> None:
+def cleanup_distributed(info: DistInfo, finished: bool = False) -> None:
+    """Tear down the process group ``init_distributed`` created. ``finished``: the run ended normally on this
+    rank; then all ranks meet at a barrier first, so no rank tears gloo down while another still talks to it
+    (that aborted a rank at exit, rarely). After an error there is no barrier: the other ranks may be gone."""
     if info.owns_group and dist.is_initialized():
+        if finished and info.world_size > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

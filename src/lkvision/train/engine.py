@@ -312,11 +312,14 @@ def train(cfg: TrainConfig, info: DistInfo | None = None, *, allow_pickle: bool 
     """
     own_dist = info is None
     info = info or init_distributed(cfg.device, cfg.dist_backend)
+    finished = False
     try:
-        return _train(cfg, info, allow_pickle)
+        summary = _train(cfg, info, allow_pickle)
+        finished = True
+        return summary
     finally:
         if own_dist:
-            cleanup_distributed(info)
+            cleanup_distributed(info, finished)
 
 
 def _train(cfg: TrainConfig, info: DistInfo, allow_pickle: bool = False) -> dict[str, Any]:
