@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..ops import fold_shiftwise_weight, make_shift_tables, shiftwise_conv, shiftwise_deploy_conv, strip_paddings
+from ..ops._fx import fx_traces_as
 from .conv_bn import make_bn
 
 __all__ = ["ShiftWiseConv2d", "ghost_split", "bn_affine", "select_channels", "select_channels_reference"]
@@ -65,6 +66,7 @@ def select_channels_reference(x: torch.Tensor, index: torch.Tensor) -> torch.Ten
     return x.index_select(1, index)
 
 
+@fx_traces_as(select_channels_reference)
 def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """:func:`select_channels_reference` that keeps a channels_last input channels_last (the gather runs along
     the last dimension of the NHWC view; its backward then scatters into an NHWC gradient too).
@@ -72,8 +74,7 @@ def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     ``index_select`` returns NCHW for any input, so in a channels_last model every op after the ghost split
     (the BNs after the shift, the residual add, the concatenation, the next BN, SE, the permute before the
     Linear layers) mixed layouts, in both directions: a mixed-layout BatchNorm backward on CPU runs 3-4x slower."""
-    if (isinstance(x, torch.Tensor) and x.dim() == 4 and not x.is_contiguous()  # not under torch.fx tracing
-            and x.is_contiguous(memory_format=torch.channels_last)):
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
     return x.index_select(1, index)
 

@@ -20,14 +20,19 @@ __all__ = ["fx_leaf", "fx_traces_as"]
 F = TypeVar("F", bound=Callable)
 
 
+def _first_proxy(args: tuple, kwargs: dict) -> torch.fx.Proxy | None:
+    """The first ``fx.Proxy`` among a call's arguments (None outside symbolic tracing)."""
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.fx.Proxy)), None)
+
+
 def fx_leaf(fn: F) -> F:
     """Decorator: ``fn`` is recorded as one node when traced with ``torch.fx`` (see the module docstring)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, torch.fx.Proxy):
-                return a.tracer.create_proxy("call_function", wrapper, args, kwargs)
+        proxy = _first_proxy(args, kwargs)
+        if proxy is not None:
+            return proxy.tracer.create_proxy("call_function", wrapper, args, kwargs)
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -42,9 +47,8 @@ def fx_traces_as(reference: Callable) -> Callable[[F], F]:
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            for a in (*args, *kwargs.values()):
-                if isinstance(a, torch.fx.Proxy):
-                    return reference(*args, **kwargs)
+            if _first_proxy(args, kwargs) is not None:
+                return reference(*args, **kwargs)
             return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
