@@ -114,8 +114,7 @@ def load_backbone_weights(model: nn.Module, model_name: str, checkpoint: str | o
     if isinstance(checkpoint, Mapping):
         sd = dict(checkpoint)
     else:
-        with allow_numpy_checkpoints():
-            sd = load_state_dict_file(checkpoint)
+        sd = load_state_dict_file(checkpoint)  # weights-only, with lkvision's allow-list (numpy included)
     sd = _strip_prefix(sd, prefix)
     own = model.state_dict()
     # the output norms: lkvision's names or the official downstream ``norm{i}`` (the official backbones build
@@ -160,12 +159,13 @@ def load_backbone_weights(model: nn.Module, model_name: str, checkpoint: str | o
 
 
 def _numpy_globals() -> list:
-    import numpy as np
+    """lkvision's checkpoint allow-list (:func:`lkvision.models._weights.checkpoint_safe_globals`) without
+    ``argparse.Namespace``: numpy's scalar/array reconstruction only."""
+    import argparse
 
-    core = getattr(np, "_core", None) or np.core
-    dtype_classes = [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "int8",
-                                                  "uint8", "bool")]
-    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *dtype_classes]
+    from ..models._weights import checkpoint_safe_globals
+
+    return [g for g in checkpoint_safe_globals() if g is not argparse.Namespace]
 
 
 @contextlib.contextmanager

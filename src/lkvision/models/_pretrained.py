@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._weights import CheckpointError, load_state_dict_file
+from ._weights import CheckpointError, _fmt, load_state_dict_file
 
 __all__ = ["pretrained_cfg", "resolve_pretrained_cfg", "build_model_with_cfg", "load_pretrained",
            "apply_state_dict", "adapt_input_conv", "cfg_for_features", "IMAGENET_DEFAULT_MEAN",
@@ -229,13 +229,6 @@ def apply_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
     for k in shape_bad:
         del sd[k]
     model.load_state_dict(sd, strict=False)
-
-
-def _fmt(keys, limit: int = 12) -> str:
-    keys = sorted(keys)
-    if not keys:
-        return "none"
-    return ", ".join(keys[:limit]) + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def load_pretrained(model: nn.Module, cfg: Mapping | None = None,

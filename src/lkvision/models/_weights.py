@@ -186,6 +186,8 @@ def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) ->
 
 def _fmt(keys, limit: int = 12) -> str:
     keys = sorted(keys)
+    if not keys:
+        return "none"
     more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
 
