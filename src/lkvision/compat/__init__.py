@@ -12,6 +12,7 @@ given model), which :func:`checkpoint_filter` uses to load official files with
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ _ALIASES = {"sw": "shiftwise", "shift-wise": "shiftwise", "shiftwiseconv": "shif
             "unirep": "unireplknet", "unireplk": "unireplknet"}
 
 
+@functools.cache
 def families() -> tuple[str, ...]:
     """The families with official checkpoint support: modules of this package defining ``from_official``."""
     out = []

@@ -36,7 +36,7 @@ import torch
 from ..layers.dilated import dilated_branches_for
 from ..models._weights import CheckpointError, check_state_dict
 from ..models.unireplknet import UniRepLKNet, model_cfgs
-from ._common import drop_pruned, unwrap_state_dict
+from ._common import drop_pruned, feature_norm_indices, unwrap_state_dict
 
 __all__ = ["from_official", "convert_state_dict", "official_to_model_kwargs", "MODEL_KWARGS", "OFFICIAL_VARIANTS"]
 
@@ -80,9 +80,8 @@ def official_to_model_kwargs(sd: Mapping[str, torch.Tensor] | None = None, **off
         sync_bn=bool(official_kwargs.get("use_sync_bn", False)),
         deploy=bool(official_kwargs.get("deploy", False)) or (sd is not None and _looks_deployed(sd)),
     )
-    if sd is not None and any(re.fullmatch(r"norm\d\.weight", k) for k in sd):
-        idx = sorted(int(k[4]) for k in sd if re.fullmatch(r"norm\d\.weight", k))
-        kw.update(features_only=True, out_indices=tuple(idx))
+    if sd is not None and (idx := feature_norm_indices(sd)):
+        kw.update(features_only=True, out_indices=idx)
     elif official_kwargs.get("init_cfg") is not None:
         kw.update(features_only=True, out_indices=(0, 1, 2, 3))
     return kw

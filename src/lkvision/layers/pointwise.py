@@ -103,9 +103,9 @@ def pointwise_conv(x: Tensor, conv: nn.Conv2d, act: nn.Module | None = None,
     Shapes: x (B, C, H, W) -> (B, C', H, W); the 1x1 path returns a channels_last tensor (the NHWC matrix the
     GEMM writes); residual (B, C', H, W) in any layout.
     """
-    name = fusable_act(act)
     if not _is_pointwise(conv) or x.dim() != 4:
         return pointwise_conv_reference(x, conv, act, residual)
+    name = fusable_act(act)
     nhwc = x.permute(0, 2, 3, 1)
     w = conv.weight.reshape(conv.out_channels, conv.in_channels)
     if name is False:

@@ -98,11 +98,6 @@ def platform_reason(x: object) -> str | None:
     return f"the Triton kernels do not run on {x.device.type} tensors"
 
 
-def device_supported(x: torch.Tensor) -> bool:
-    """True when the Triton kernels can run on ``x``'s device and dtype (:func:`platform_reason` is None)."""
-    return platform_reason(x) is None
-
-
 def same_device_reason(x: torch.Tensor, *others: torch.Tensor | None) -> str | None:
     """Why the tensors cannot go to one kernel launch (``None``: all are on ``x``'s device)."""
     for t in others:
