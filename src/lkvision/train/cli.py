@@ -158,7 +158,9 @@ def resume_command(argv: list[str] | None) -> str:
             skip = True
         elif not a.startswith("--resume="):
             args.append(a)
-    head = "torchrun [same options] -m lkvision.train" if "TORCHELASTIC_RUN_ID" in os.environ else "lkvision train"
+    from .stop import _under_torchrun
+
+    head = "torchrun [same options] -m lkvision.train" if _under_torchrun() else "lkvision train"
     return " ".join([head, shlex.join([*args, "--resume", "auto"])])
 
 

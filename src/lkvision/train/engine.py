@@ -77,9 +77,7 @@ class _Logger:
             tqdm.write(msg, file=sys.stdout)
         except ImportError:  # pragma: no cover
             print(msg, flush=True)
-        if self.file is not None:
-            self.file.write(msg + "\n")
-            self.file.flush()
+        self.to_file(msg)
 
     def to_file(self, msg: str) -> None:
         if self.file is not None:

@@ -107,11 +107,6 @@ class GracefulStop:
         elif self.abort_on_repeat:
             raise TrainingAborted(signum)
 
-    def request(self, signum: int = signal.SIGINT) -> None:
-        """Request a stop as a signal would (for callers that are not signal handlers)."""
-        if self.signum is None:
-            self.signum = int(signum)
-
     def agreed(self, info=None) -> int:
         """The signal number every rank agrees to stop on (the largest requested on any rank), 0 to go on.
         A collective under DDP: every rank must call it at the same point."""
