@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lkvision.cli import main as lkvision_main
-from lkvision.models import CheckpointError
+from lkvision.models import CheckpointError, UnsafeCheckpointError
 from lkvision.train import ConfigError, make_config, train
 from lkvision.train.checkpoint import find_latest, load_checkpoint
 from lkvision.train.cli import resume_command
@@ -80,6 +80,35 @@ def test_resume_checks_the_run_configuration(tmp_path):
 
 
 # ------------------------------------------------------------------------------- an existing run is not overwritten
+class _Payload:
+    """Unpickles as ``open(marker, "w")``: a training-state file crafted to run code when loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_hostile_training_state_is_refused_as_unsafe_and_runs_nothing(tmp_path):
+    train(quick_cfg(tmp_path, max_steps=2, save_every_steps=1, keep_last=5))
+    state_path = tmp_path / "ckpt-00000002.state.pt"
+    state = torch.load(state_path, weights_only=True)
+    marker = tmp_path / "marker"
+    torch.save({**state, "extra": _Payload(marker)}, state_path)
+    # the explicit path: the unsafe-pickle error itself (its type and the global it names), not a generic one
+    with pytest.raises(UnsafeCheckpointError, match="io.open") as info:
+        load_checkpoint(state_path)
+    assert info.value.globals == ["io.open"]
+    with pytest.raises(UnsafeCheckpointError):
+        train(quick_cfg(tmp_path, resume=str(state_path), max_steps=3))
+    # --resume auto skips it (saying why) and resumes from the step before
+    with pytest.warns(UserWarning, match="skipping ckpt-00000002.state.pt: .*io.open"):
+        s = train(quick_cfg(tmp_path, resume="auto", max_steps=3))
+    assert s["steps"] == 3 and "ckpt-00000001.state.pt at step 1" in (tmp_path / "log.txt").read_text()
+    assert not marker.exists()
+
+
 def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     train(quick_cfg(out, max_steps=2))

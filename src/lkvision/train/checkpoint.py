@@ -223,7 +223,7 @@ def find_latest(output: str | os.PathLike) -> Path | None:
 
 def load_checkpoint(state_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model weights, training state) of a checkpoint written by :func:`save_checkpoint`."""
-    from ..models import CheckpointError, load_state_dict_file
+    from ..models import CheckpointError, UnsafeCheckpointError, load_state_dict_file
     from ..models._weights import read_torch_file
 
     state_path = Path(state_path)
@@ -236,6 +236,8 @@ def load_checkpoint(state_path: str | os.PathLike) -> tuple[dict[str, torch.Tens
         raise CheckpointError(f"{state_path} has no weights file {wpath.name} next to it")
     try:
         state = read_torch_file(state_path)
+    except UnsafeCheckpointError:  # keeps its type and the globals it names (what --allow-pickle would run)
+        raise
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot read training state {state_path}: {type(e).__name__}: {e}") from e
     weights = load_state_dict_file(wpath)
@@ -244,9 +246,8 @@ def load_checkpoint(state_path: str | os.PathLike) -> tuple[dict[str, torch.Tens
 
 def prune_checkpoints(output: str | os.PathLike, keep_last: int, protect: tuple[int, ...] = ()) -> None:
     """Delete all but the newest ``keep_last`` checkpoint pairs (steps in ``protect`` are kept)."""
-    out = Path(output)
-    pairs = sorted((int(m.group(1)), p) for p in out.glob("ckpt-*.state.pt") if (m := _PAT.match(p.name)))
-    for step, p in pairs[: max(0, len(pairs) - max(1, keep_last))]:
+    pairs = _candidates(Path(output))  # newest first
+    for step, p in pairs[max(1, keep_last):]:
         if step in protect:
             continue
         for f in (p, weights_path(p)):
