@@ -103,3 +103,136 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------- dwconv2d_sum
+SUM_CASES = {  # terms (kernel, padding) of one layer's deploy form, all giving the input's size
+    "sw_strips": [((3, 51), (25, 25, 1, 1)), ((51, 3), (1, 1, 25, 25))],
+    "sw_asymmetric": [((3, 48), (23, 24, 1, 1)), ((48, 3), (1, 1, 23, 24))],  # M=47: zero taps, in place
+    "slak_strips": [((13, 5), (6, 2)), ((5, 13), (2, 6))],  # width 13: widened to 15 before the in-place add
+    "three_terms": [((3, 3), "same"), ((1, 9), (0, 4)), ((9, 1), (4, 0))],
+    "padded_copy": [((3, 3), "same"), ((5, 5), (4, 0, 4, 0))],  # 5x5 at a corner: a padded copy, unfused
+}
+
+
+def _sum_ref(x, weights, biases, paddings):
+    return sum(_ref(x, w, b, normalize_padding(p, tuple(w.shape[-2:]))) for w, b, p in zip(weights, biases, paddings))
+
+
+def _sum_problem(case, c=20, dtype=torch.float32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, c, 15, 17, generator=g)
+    terms = SUM_CASES[case]
+    weights = [torch.randn(c, 1, *k, generator=g) / (k[0] * k[1]) ** 0.5 for k, _ in terms]
+    biases = [torch.randn(c, generator=g) if bias else None for _ in terms]
+    return x.to(dtype), [w.to(dtype) for w in weights], [b if b is None else b.to(dtype) for b in biases], \
+        [p for _, p in terms]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(SUM_CASES))
+def test_dwconv2d_sum_in_place_matches_float64(case, dtype, layout, monkeypatch):
+    """The inference path (oneDNN adds each later term into the first one's output) against float64 F.conv2d,
+    and against the reference (separate convs and adds) of the same dtype; every term that can be fused is."""
+    from lkvision.ops import dwconv as dw
+
+    assert dw.onednn_conv_add_available(dtype)  # (its probe calls _conv_add_ once: before counting)
+    fused = []
+    real = dw._conv_add_
+    monkeypatch.setattr(dw, "_conv_add_", lambda acc, *a: fused.append(acc) or real(acc, *a))
+    x, ws, bs, ps = _sum_problem(case, dtype=dtype, bias=case != "three_terms")
+    x = x.contiguous(memory_format=layout)
+    with torch.no_grad():
+        out = dw.dwconv2d_sum(x, ws, bs, ps)
+        ref = dw.dwconv2d_sum_reference(x, ws, bs, ps)
+    want = _sum_ref(x.double(), [w.double() for w in ws], [b if b is None else b.double() for b in bs], ps)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=8e-2)
+    torch.testing.assert_close(out.double(), want, **tol)
+    torch.testing.assert_close(out, ref, **tol)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert len(fused) == {"three_terms": 2, "padded_copy": 0}.get(case, 1)
+    assert all(acc is out for acc in fused)  # in place: one output buffer
+
+
+def test_dwconv2d_sum_with_autograd_is_the_reference():
+    """With gradients, the terms run as separate dwconv2d calls (PyTorch autograd through the custom op)."""
+    x, ws, bs, ps = _sum_problem("sw_asymmetric")
+    leaves = [t.clone().requires_grad_() for t in (x, *ws, *bs)]
+    from lkvision.ops import dwconv2d_sum
+
+    out = dwconv2d_sum(leaves[0], leaves[1:3], leaves[3:5], ps)
+    ref_leaves = [t.double().requires_grad_() for t in (x, *ws, *bs)]
+    ref = _sum_ref(ref_leaves[0], ref_leaves[1:3], ref_leaves[3:5], ps)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    go = torch.randn(ref.shape)
+    out.backward(go)
+    ref.backward(go.double())
+    for a, r in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad.double(), r.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_dwconv2d_sum_under_autocast_and_fx():
+    from lkvision.ops import dwconv2d_sum
+
+    x, ws, bs, ps = _sum_problem("sw_strips")
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        out = dwconv2d_sum(x, ws, bs, ps)
+    assert out.dtype == torch.bfloat16
+    want = _sum_ref(x.double(), [w.double() for w in ws], [b.double() for b in bs], ps)
+    torch.testing.assert_close(out.double(), want, rtol=3e-2, atol=8e-2)
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return dwconv2d_sum(x, ws, bs, ps)
+
+    traced = torch.fx.symbolic_trace(Layer())  # traces as the reference: standard dwconv2d nodes and an add
+    torch.testing.assert_close(traced(x), Layer()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dwconv2d_sum_errors():
+    from lkvision.ops import dwconv2d_sum
+
+    x, ws, bs, ps = _sum_problem("sw_strips")
+    with pytest.raises(ValueError, match="as many weights, biases and paddings"):
+        dwconv2d_sum(x, ws, bs[:1], ps)
+    with torch.no_grad(), pytest.raises(ValueError, match="different output sizes"):
+        dwconv2d_sum(x, ws, bs, [ps[0], (0, 0, 25, 25)])
+    with torch.no_grad(), pytest.raises(ValueError, match="channel mismatch"):
+        dwconv2d_sum(x, [ws[0], ws[1][:10]], bs, ps)
+
+
+def test_no_grad_dwconv2d_skips_the_custom_op_and_matches_it():
+    """Eager calls that need no gradient run the forward directly (same values as through the custom op)."""
+    x, (w, _), (b, _), (p, _) = _sum_problem("sw_asymmetric")
+    with torch.no_grad():
+        direct = dwconv2d(x, w, b, p)
+        via_op = torch.ops.lkvision.dwconv2d(x, w, b, list(normalize_padding(p, tuple(w.shape[-2:]))), "custom")
+    torch.testing.assert_close(direct, via_op, rtol=0, atol=0)
+    from torch.profiler import profile
+
+    with profile() as prof, torch.no_grad():
+        dwconv2d(x, w, b, p)
+    assert "lkvision::dwconv2d" not in {e.key for e in prof.key_averages()}
+    with profile() as prof:
+        dwconv2d(x, w.requires_grad_(), b, p)
+    assert "lkvision::dwconv2d" in {e.key for e in prof.key_averages()}
+
+
+def test_dwconv2d_sum_bf16_few_channels_avoids_the_hanging_kernel(monkeypatch):
+    """bf16, <= 16 channels, a later term >= 14 wide: oneDNN's bf16 NHWC kernel would never return; that term is
+    computed in fp32 (as dwconv2d does) and added, not fused (a fused call fails here instead of hanging)."""
+    from lkvision.ops import dwconv as dw
+
+    assert dw.onednn_conv_add_available(torch.bfloat16)
+
+    def refuse(acc, x, w, *args):
+        raise AssertionError(f"fused call with a {tuple(w.shape)} bf16 kernel on {x.shape[1]} channels")
+
+    monkeypatch.setattr(dw, "_conv_add_", refuse)
+    x, ws, bs, ps = _sum_problem("sw_strips", c=8, dtype=torch.bfloat16)
+    ws, bs, ps = ws[::-1], bs[::-1], ps[::-1]  # the 3 x 51 strip second
+    with torch.no_grad():
+        out = dw.dwconv2d_sum(x, ws, bs, ps)
+    want = _sum_ref(x.double(), [w.double() for w in ws], [b.double() for b in bs], ps)
+    torch.testing.assert_close(out.double(), want, rtol=3e-2, atol=8e-2)

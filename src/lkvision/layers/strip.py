@@ -130,6 +130,11 @@ class StripConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
             return _dwconv.dwconv2d(x, self.dense.weight, self.dense.bias, padding="same")
+        if self.small is None and isinstance(self.strip_v.bn, nn.Identity) and isinstance(self.strip_h.bn, nn.Identity):
+            # two-strip deploy form: one op (on CPU without autograd, the second strip is added in place)
+            convs = (self.strip_v.conv, self.strip_h.conv)
+            return _dwconv.dwconv2d_sum(x, [c.weight for c in convs], [c.bias for c in convs],
+                                        [(c.weight.shape[-2] // 2, c.weight.shape[-1] // 2) for c in convs])
         out = self._run(self.strip_v, x) + self._run(self.strip_h, x)
         if self.small is not None:
             out = out + self._run(self.small, x)

@@ -1,6 +1,6 @@
 """Functional operators (no nn.Module): shift-add, folded Shiftwise convolution, depth-wise conv dispatch."""
 
-from .dwconv import dwconv2d
+from .dwconv import dwconv2d, dwconv2d_sum
 from .shift_add import (
     fold_shiftwise_weight,
     make_shift_tables,
@@ -14,6 +14,6 @@ from .shift_add import (
 )
 
 __all__ = [
-    "dwconv2d", "shift_offsets", "num_blocks", "make_shift_tables", "shift_add", "fold_shiftwise_weight",
-    "strip_paddings", "shiftwise_conv", "shiftwise_deploy_conv", "shiftwise_strips",
+    "dwconv2d", "dwconv2d_sum", "shift_offsets", "num_blocks", "make_shift_tables", "shift_add",
+    "fold_shiftwise_weight", "strip_paddings", "shiftwise_conv", "shiftwise_deploy_conv", "shiftwise_strips",
 ]

@@ -20,6 +20,7 @@ Paths (``impl``):
 
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 import torch
@@ -27,10 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import autoselect
-from ._fx import fx_leaf
+from ._fx import fx_leaf, fx_traces_as
 from .kernels._common import autocast_inputs
 
-__all__ = ["dwconv2d", "normalize_padding", "dwconv2d_grad_input", "dwconv2d_grad_weight", "DWCONV_IMPLS"]
+__all__ = ["dwconv2d", "dwconv2d_sum", "dwconv2d_sum_reference", "normalize_padding", "dwconv2d_grad_input",
+           "dwconv2d_grad_weight", "DWCONV_IMPLS"]
 
 DWCONV_IMPLS = ("auto", "torch", "channels_last", "custom", "triton")
 
@@ -125,24 +127,31 @@ def _bf16_nhwc_would_hang(x: Tensor, weight: Tensor) -> bool:
             and weight.shape[-1] >= _BF16_NHWC_HANG_MIN_WIDTH and _cpu_nhwc(x))
 
 
-def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int]) -> Tensor:
-    """F.conv2d with F.pad-style (left, right, top, bottom) padding, possibly asymmetric."""
+def _symmetric(x: Tensor, weight: Tensor, pad4: tuple[int, int, int, int]
+               ) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """``(x, weight, (ph, pw))`` such that ``F.conv2d(x, weight, padding=(ph, pw), groups=C)`` is the depth-wise
+    conv of the inputs with F.pad-style ``pad4``: the kernel widened where oneDNN runs it faster, asymmetric
+    padding turned into zero taps (small kernels, CPU channels_last) or, failing that, a padded copy of ``x``."""
     weight, pad4 = _widen_for_cpu(x, weight, pad4)
-    if _bf16_nhwc_would_hang(x, weight):
-        with torch.autocast(x.device.type, enabled=False):  # autocast would cast the fp32 inputs back
-            return _conv(x.float(), weight.float(), None if bias is None else bias.float(), pad4).to(x.dtype)
     left, right, top, bottom = pad4
     if (left, top) == (right, bottom):
-        return F.conv2d(x, weight, bias, padding=(top, left), groups=x.shape[1])
+        return x, weight, (top, left)
     kh, kw = weight.shape[-2:]
     pw, ph = max(left, right), max(top, bottom)
     extra_taps = (kh + 2 * ph - top - bottom) * (kw + 2 * pw - left - right) - kh * kw
     if (kh * kw <= _MAX_ZERO_TAP_KERNEL or _cpu_nhwc(x)) and extra_taps <= _MAX_ZERO_TAP_FRACTION * kh * kw:
-        weight = F.pad(weight, (pw - left, pw - right, ph - top, ph - bottom))
-        return F.conv2d(x, weight, bias, padding=(ph, pw), groups=x.shape[1])
+        return x, F.pad(weight, (pw - left, pw - right, ph - top, ph - bottom)), (ph, pw)
     sw, sh = min(left, right), min(top, bottom)
-    x = F.pad(x, (left - sw, right - sw, top - sh, bottom - sh))
-    return F.conv2d(x, weight, bias, padding=(sh, sw), groups=x.shape[1])
+    return F.pad(x, (left - sw, right - sw, top - sh, bottom - sh)), weight, (sh, sw)
+
+
+def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int]) -> Tensor:
+    """F.conv2d with F.pad-style (left, right, top, bottom) padding, possibly asymmetric."""
+    if _bf16_nhwc_would_hang(x, _widen_for_cpu(x, weight, pad4)[0]):
+        with torch.autocast(x.device.type, enabled=False):  # autocast would cast the fp32 inputs back
+            return _conv(x.float(), weight.float(), None if bias is None else bias.float(), pad4).to(x.dtype)
+    x, weight, padding = _symmetric(x, weight, pad4)
+    return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
 
 
 def _transposed_padding(pad4: tuple[int, int, int, int], kernel_hw: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -395,7 +404,89 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: Pad
         why = _triton_reason(x, weight, bias, pad4, _needs_grad(x, weight, bias))
         if why is not None:
             raise RuntimeError(f"dwconv2d: impl='triton' cannot run here: {why} (impl='auto' picks a path that can)")
-    if impl in ("torch", "channels_last", "triton"):
-        # plain PyTorch autograd (the baselines), or the Triton module's own custom op with its own backward
+    if impl in ("torch", "channels_last", "triton") or _eager_no_grad(x, weight, bias):
+        # plain PyTorch autograd (the baselines), the Triton module's own custom op with its own backward, or
+        # an eager call that needs no gradient: the custom op (for autograd, torch.compile and export) would
+        # only add its dispatch cost (~0.1 ms a call on CPU, 5 ms of an SW-tiny forward)
         return _forward_impl(x, weight, bias, pad4, impl, fallback)
     return _dwconv2d_op(x, weight, bias, list(pad4), impl)
+
+
+def _eager_no_grad(*tensors: Tensor | None) -> bool:
+    """A call on plain CPU tensors, outside compile/export/tracing and dispatch modes, that needs no gradient."""
+    from .linear import fast_cpu_path_ok
+
+    return not _needs_grad(*tensors) and fast_cpu_path_ok(*tensors)
+
+
+# ----------------------------------------------------------------------------------------------- sums of convs
+def dwconv2d_sum_reference(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], paddings: list,
+                           impl: str = "auto") -> Tensor:
+    """``sum_i dwconv2d(x, weights[i], biases[i], paddings[i], impl=impl)``: several depth-wise convs of one input
+    (the strips of a SLaK or ShiftWise layer's deploy form), added in order."""
+    out = dwconv2d(x, weights[0], biases[0], paddings[0], impl=impl)
+    for w, b, p in zip(weights[1:], biases[1:], paddings[1:]):
+        out = out + dwconv2d(x, w, b, p, impl=impl)
+    return out
+
+
+@functools.cache
+def onednn_conv_add_available(dtype: torch.dtype) -> bool:
+    """True when oneDNN's depth-wise conv with an in-place sum (``mkldnn::_convolution_pointwise_.binary``,
+    ``other += conv(x)``) runs here for ``dtype`` and gives conv + add (probed once on a tiny problem)."""
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x = torch.arange(2 * 16 * 5 * 5, dtype=dtype).reshape(2, 16, 5, 5).contiguous(
+            memory_format=torch.channels_last) / 100
+        w = torch.ones(16, 1, 3, 3, dtype=dtype)
+        acc = F.conv2d(x, w, padding=1, groups=16)
+        want = acc + F.conv2d(x, w, torch.ones(16, dtype=dtype), padding=1, groups=16)
+        got = _conv_add_(acc, x, w, torch.ones(16, dtype=dtype), (1, 1))
+        return got is acc and bool(torch.allclose(got, want, rtol=1e-2, atol=1e-2))
+    except Exception:  # noqa: BLE001 - any failure (missing op, unsupported ISA) means: use the reference
+        return False
+
+
+def _conv_add_(acc: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
+    """``acc += conv2d(x, weight, bias, padding, groups=C)`` in one oneDNN call (acc and x channels_last)."""
+    return torch.ops.mkldnn._convolution_pointwise_.binary(acc, x, weight, bias, list(padding), [1, 1], [1, 1],
+                                                            x.shape[1], "add", None, None, [], None)
+
+
+@fx_traces_as(dwconv2d_sum_reference)
+def dwconv2d_sum(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], paddings: list,
+                 impl: str = "auto") -> Tensor:
+    """:func:`dwconv2d_sum_reference`, with every conv after the first accumulated into the first one's output
+    by oneDNN (one fused conv + add, in place) on CPU when no gradient is needed: no separate add pass and no
+    extra full-size buffer per term (SW-tiny's deploy strips: 1.05-1.7x faster per layer, measured in
+    ``docs/ops.md``). Elsewhere, and for terms whose padding needs a padded copy of ``x``, the reference.
+
+    x (B, C, H, W); ``weights[i]`` (C, 1, KH_i, KW_i) with ``paddings[i]`` (any :func:`dwconv2d` padding) giving
+    the same (B, C, H', W') output for every i; ``biases[i]`` (C,) or None. Returns (B, C, H', W')."""
+    if not (len(weights) == len(biases) == len(paddings)) or not weights:
+        raise ValueError(f"dwconv2d_sum: need as many weights, biases and paddings (at least one), got "
+                         f"{len(weights)}, {len(biases)}, {len(paddings)}")
+    if impl not in ("auto", "custom", "channels_last") or len(weights) == 1:
+        return dwconv2d_sum_reference(x, weights, biases, paddings, impl)
+    if isinstance(x, Tensor) and all(isinstance(w, Tensor) for w in weights):
+        cast = autocast_inputs(x, *weights, *biases)
+        x, weights, biases = cast[0], list(cast[1:1 + len(weights)]), list(cast[1 + len(weights):])
+    if not (_eager_no_grad(x, *weights, *biases) and onednn_conv_add_available(x.dtype)):
+        return dwconv2d_sum_reference(x, weights, biases, paddings, impl)
+    x = x.contiguous(memory_format=torch.channels_last)  # once, for every term (the CPU kernels' layout)
+    out = dwconv2d(x, weights[0], biases[0], paddings[0], impl=impl)  # checks x and weights[0]; channels_last
+    for w, b, p in zip(weights[1:], biases[1:], paddings[1:]):
+        _check_inputs(x, w, b)
+        pad4 = normalize_padding(p, tuple(w.shape[-2:]))
+        xs, ws, padding = _symmetric(x, w, pad4)
+        out_hw = (xs.shape[2] + 2 * padding[0] - ws.shape[2] + 1, xs.shape[3] + 2 * padding[1] - ws.shape[3] + 1)
+        if out_hw != tuple(out.shape[2:]):
+            raise ValueError(f"dwconv2d_sum: the terms give different output sizes: {tuple(out.shape[2:])} and "
+                             f"{out_hw} (kernel {tuple(w.shape[-2:])}, padding {pad4})")
+        if (xs is x and out.is_contiguous(memory_format=torch.channels_last) and not _bf16_nhwc_would_hang(x, ws)
+                and (b is None or b.dtype == x.dtype)):
+            out = _conv_add_(out, x, ws, b, padding)
+        else:
+            out = out + _conv(x, w, b, pad4)
+    return out

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import autoselect
 from ._fx import fx_leaf
-from .dwconv import DWCONV_IMPLS, _device_name, _memory_layout, dwconv2d, normalize_padding
+from .dwconv import DWCONV_IMPLS, _device_name, _memory_layout, dwconv2d, dwconv2d_sum, normalize_padding
 from .kernels._common import autocast_dtype, autocast_inputs
 
 __all__ = [
@@ -465,18 +465,18 @@ def shiftwise_deploy_conv(x: Tensor, weight_h: Tensor, bias_h: Tensor | None, we
     x (B, C, H, W); weight_h (C, 1, k, Lh), weight_v (C, 1, Lv, k); F.pad-style paddings that give an
     (H, W) output. ``impl``: "triton" = ONE fused Triton launch for both strips and the bias (x read once,
     y written once; :func:`lkvision.ops.kernels.triton_dwconv.dwconv2d_sum`); any :func:`dwconv2d` impl
-    ("torch", "channels_last", "custom") = two depth-wise convs and an add; "auto" = on CUDA with the kernels
-    available, the faster of "triton" and two ``dwconv2d(impl="auto")`` calls, measured per problem by
-    :mod:`lkvision.ops.autoselect` (default: the two convs where nothing may be measured); elsewhere the two
-    convs with ``dwconv2d``'s own choice.
+    ("torch", "channels_last", "custom") = two depth-wise convs and an add (:func:`lkvision.ops.dwconv.dwconv2d_sum`:
+    on CPU without autograd, oneDNN adds the second conv into the first one's output in place); "auto" = on CUDA
+    with the kernels available, the faster of "triton" and two ``dwconv2d(impl="auto")`` calls, measured per
+    problem by :mod:`lkvision.ops.autoselect` (default: the two convs where nothing may be measured); elsewhere
+    the two convs with ``dwconv2d``'s own choice.
     """
     if impl not in DWCONV_IMPLS:
         raise ValueError(f"shiftwise_deploy_conv: impl must be one of {DWCONV_IMPLS}, got {impl!r}")
     x, weight_h, weight_v, bias_h, bias_v = autocast_inputs(x, weight_h, weight_v, bias_h, bias_v)
 
-    def two_convs(x_, wh_, wv_, bh_, bv_):
-        y = dwconv2d(x_, wh_, bh_, padding=padding_h, impl=impl)
-        return y + dwconv2d(x_, wv_, bv_, padding=padding_v, impl=impl)
+    def two_convs(x_, wh_, wv_, bh_, bv_):  # on CPU: one conv, then the second one added in place by oneDNN
+        return dwconv2d_sum(x_, [wh_, wv_], [bh_, bv_], [padding_h, padding_v], impl=impl)
 
     if impl not in ("auto", "triton") or (impl == "auto" and not autoselect.measured_device(x)):
         return two_convs(x, weight_h, weight_v, bias_h, bias_v)
