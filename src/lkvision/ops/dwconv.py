@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import autoselect
 from ._fx import fx_leaf, fx_traces_as
-from .kernels._common import autocast_inputs
+from .kernels._common import autocast_inputs, needs_grad
 
 __all__ = ["dwconv2d", "dwconv2d_sum", "dwconv2d_sum_reference", "normalize_padding", "dwconv2d_grad_input",
            "dwconv2d_grad_weight", "DWCONV_IMPLS"]
@@ -231,10 +231,6 @@ def _triton_reason(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[i
     return kernels.can_run_dwconv2d(x, weight, bias, pad4, needs_grad=needs_grad)
 
 
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 # ----------------------------------------------------------------------------------------------- impl="auto"
 _CUDA_AUTO_DEFAULT = "channels_last"  # cuDNN NHWC: the choice when nothing may be measured and nothing is cached
 
@@ -276,7 +272,7 @@ def _cuda_auto_impl(x: Tensor, weight: Tensor, bias: Tensor | None,
     channels_last (cuDNN NHWC) and torch (NCHW), timed once per problem by :func:`lkvision.ops.autoselect.choose`
     (forward + backward when a gradient will be needed), then cached; "channels_last" where nothing may be
     measured (see docs/ops.md). ``fallback`` is the tag the Triton op gets (a failure falls back to PyTorch)."""
-    train = _needs_grad(x, weight, bias)
+    train = needs_grad(x, weight, bias)
     key = _cuda_auto_key(x, weight, pad4, train)
     why = autoselect.eligibility("dwconv2d", key, lambda: _triton_reason(x, weight, bias, pad4, train),
                                  tuple(x.stride()))
@@ -401,7 +397,7 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: Pad
     if impl == "auto":  # resolved here, before the op call: the op's fake impl derives the layout from impl
         impl, fallback = _auto_impl(x, weight, bias, pad4)
     elif impl == "triton":
-        why = _triton_reason(x, weight, bias, pad4, _needs_grad(x, weight, bias))
+        why = _triton_reason(x, weight, bias, pad4, needs_grad(x, weight, bias))
         if why is not None:
             raise RuntimeError(f"dwconv2d: impl='triton' cannot run here: {why} (impl='auto' picks a path that can)")
     if impl in ("torch", "channels_last", "triton") or _eager_no_grad(x, weight, bias):
@@ -416,7 +412,7 @@ def _eager_no_grad(*tensors: Tensor | None) -> bool:
     """A call on plain CPU tensors, outside compile/export/tracing and dispatch modes, that needs no gradient."""
     from .linear import fast_cpu_path_ok
 
-    return not _needs_grad(*tensors) and fast_cpu_path_ok(*tensors)
+    return not needs_grad(*tensors) and fast_cpu_path_ok(*tensors)
 
 
 # ----------------------------------------------------------------------------------------------- sums of convs

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels._common import autocast_dtype, autocast_inputs
+from .kernels._common import autocast_dtype, autocast_inputs, needs_grad
 
 __all__ = ["linear", "linear_reference", "LINEAR_ACTS", "onednn_linear_available", "fast_cpu_path_ok"]
 
@@ -174,19 +174,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, act: str | 
     """
     if act not in LINEAR_ACTS:
         raise ValueError(f"linear: act must be one of {tuple(LINEAR_ACTS)}, got {act!r}")
-    if not torch.is_grad_enabled() and fast_cpu_path_ok(weight, bias):
+    plain = fast_cpu_path_ok(x, weight, bias, residual)  # (the casts below keep plain CPU tensors plain)
+    if plain and not torch.is_grad_enabled():
         weight, bias = _autocast_weights(weight, bias)
     x, weight, bias = autocast_inputs(x, weight, bias)  # the residual add promotes as it would after F.linear
-    fast = (x.dtype in _FAST_DTYPES and weight.dtype == x.dtype and x.dim() >= 2
-            and fast_cpu_path_ok(x, weight, bias, residual) and onednn_linear_available(x.dtype))
+    fast = (plain and x.dtype in _FAST_DTYPES and weight.dtype == x.dtype and x.dim() >= 2
+            and onednn_linear_available(x.dtype))
     if not fast:
         return linear_reference(x, weight, bias, act=act, residual=residual)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     lead = x.shape[:-1]
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                 for t in (x, weight, bias, residual))
-    if not needs_grad:
+    if not needs_grad(x, weight, bias, residual):
         x2d = x.reshape(-1, x.shape[-1])
         if residual is None:
             return _onednn(x2d, weight, bias, act).view(*lead, weight.shape[0])

@@ -23,7 +23,7 @@ from torch import Tensor
 from . import autoselect
 from ._fx import fx_leaf
 from .dwconv import DWCONV_IMPLS, _device_name, _memory_layout, dwconv2d, dwconv2d_sum, normalize_padding
-from .kernels._common import autocast_dtype, autocast_inputs
+from .kernels._common import autocast_dtype, autocast_inputs, needs_grad
 
 __all__ = [
     "shift_offsets", "num_blocks", "make_shift_tables", "shift_add", "fold_shiftwise_weight", "strip_paddings",
@@ -379,7 +379,7 @@ def _triton_choice(op: str, key_fn, reason_fn, candidates: dict, default: str, i
 def _sw_key(x: Tensor, kernels: tuple[Tensor, ...], extra: tuple) -> tuple:
     """autoselect key: device (and GPU name), dtype, layout, shape, kernel shapes, training or not (the same
     parts as dwconv2d's key, so that a saved table never matches on another GPU)."""
-    train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *kernels))
+    train = needs_grad(x, *kernels)
     return (str(x.device), _device_name(x.device), x.dtype, _memory_layout(x), tuple(x.shape),
             *(tuple(t.shape) for t in kernels), *extra, train)
 
@@ -445,7 +445,7 @@ def shiftwise_conv(x: Tensor, weight: Tensor, pad_hv: Tensor, idx_identit: Tenso
     from lkvision.ops import kernels  # the package never imports triton
 
     tensors = (x, kh, kv, ks)
-    train = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    train = needs_grad(*tensors)
     choice, fallback = _triton_choice(
         "shiftwise_conv", lambda: _sw_key(x, (kh, kv, ks), (big_kernel, k)),
         lambda: kernels.can_run_shiftwise(x, kh, kv, ks, None, big_kernel, k, separate=True, needs_grad=train),
@@ -491,7 +491,7 @@ def shiftwise_deploy_conv(x: Tensor, weight_h: Tensor, bias_h: Tensor | None, we
 
     args = (x, weight_h, weight_v, bias_h, bias_v)
     tensors = tuple(t for t in args if t is not None)
-    train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight_h, weight_v))  # as in the key
+    train = needs_grad(x, weight_h, weight_v)  # as in the key
     choice, fallback = _triton_choice(
         "shiftwise_deploy_conv",
         lambda: _sw_key(x, (weight_h, weight_v), (tuple(pads[0]), tuple(pads[1]), bias_h is not None)),

@@ -205,6 +205,11 @@ def check_depthwise_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         raise TypeError(f"unsupported dtype {x.dtype}; the Triton kernels support float32/float16/bfloat16")
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call on ``tensors`` (None entries allowed) records a graph: grad mode on and one requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype when autocast is enabled for ``device_type``, else None (also for device types that
     autocast does not know, such as ``meta``, used by the FLOP/parameter counters)."""
