@@ -99,8 +99,8 @@ import torch
 from ..fileio import atomic_write_json
 from .kernels._common import failure_reason
 
-__all__ = ["choose", "candidate", "measure", "measuring_allowed", "measured_device", "eligibility", "fallback_tag",
-           "tag_failed",
+__all__ = ["choose", "triton_choice", "candidate", "measure", "measuring_allowed", "measured_device", "eligibility",
+           "fallback_tag", "tag_failed",
            "report_failure", "failures", "save_table", "load_table", "clear_cache", "cache_table",
            "BackendFallbackWarning", "MEASURED_DEVICE_TYPES", "TABLE_FORMAT", "TABLE_VERSION", "WARMUP", "REPEATS"]
 
@@ -601,6 +601,29 @@ def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], def
         with _lock:
             _cache[k] = entry
     return entry.winner
+
+
+def triton_choice(op: str, key_fn: Callable[[], tuple], reason_fn: Callable[[], str | None], candidates: dict,
+                  default: str, impl: str, tensors: tuple) -> tuple[str, str]:
+    """``(choice, fallback)`` of an op between its Triton kernel ("triton") and its PyTorch paths.
+
+    ``impl="triton"``: "triton" with fallback "" (failures raise), or a RuntimeError naming why it cannot run
+    (``reason_fn()``: the kernel's can_run check). ``impl="auto"`` (on a measured device, CUDA):
+    :func:`choose` among the eligible candidates (Triton only where its can_run check,
+    memoised per key, passed), with the fallback tag for the Triton op. ``key_fn()`` builds the autoselect key."""
+    if impl == "triton":
+        unavailable_reason = reason_fn()
+        if unavailable_reason is not None:
+            raise RuntimeError(f"{op}: impl='triton' cannot run here: {unavailable_reason} (impl='auto' picks a path "
+                               "that can)")
+        return "triton", ""
+    key = key_fn()
+    unavailable_reason = eligibility(op, key, reason_fn, tuple(tensors[0].stride()))
+    if unavailable_reason is not None:
+        candidates = {n: c for n, c in candidates.items() if n != "triton"}
+    choice = choose(op, key, candidates, default, tensors=tensors,
+                    unavailable=None if unavailable_reason is None else {"triton": unavailable_reason})
+    return choice, fallback_tag(op, key, choice) if choice == "triton" else ""
 
 
 def _measure_all(op: str, key: tuple, candidates: Mapping[str, Callable[[], object]], default: str,

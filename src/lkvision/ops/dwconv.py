@@ -273,18 +273,14 @@ def _cuda_auto_impl(x: Tensor, weight: Tensor, bias: Tensor | None,
     (forward + backward when a gradient will be needed), then cached; "channels_last" where nothing may be
     measured (see docs/ops.md). ``fallback`` is the tag the Triton op gets (a failure falls back to PyTorch)."""
     train = needs_grad(x, weight, bias)
-    key = _cuda_auto_key(x, weight, pad4, train)
-    why = autoselect.eligibility("dwconv2d", key, lambda: _triton_reason(x, weight, bias, pad4, train),
-                                 tuple(x.stride()))
-    names = (["triton"] if why is None else []) + ["channels_last", "torch"]
     # _forward_impl is what dwconv2d runs for these three paths (the Triton one has its own autograd); timed
     # candidates raise on failure (fallback=""), so that a failing kernel is dropped, not timed as PyTorch
     candidates = {name: autoselect.candidate(lambda x_, w_, b_, name=name: _forward_impl(x_, w_, b_, pad4, name),
                                              (x, weight, bias), train)
-                  for name in names}
-    impl = autoselect.choose("dwconv2d", key, candidates, _CUDA_AUTO_DEFAULT, tensors=(x, weight, bias),
-                             unavailable=None if why is None else {"triton": why})
-    return impl, autoselect.fallback_tag("dwconv2d", key, impl) if impl == "triton" else ""
+                  for name in ("triton", "channels_last", "torch")}
+    return autoselect.triton_choice("dwconv2d", lambda: _cuda_auto_key(x, weight, pad4, train),
+                                    lambda: _triton_reason(x, weight, bias, pad4, train), candidates,
+                                    _CUDA_AUTO_DEFAULT, "auto", (x, weight, bias))
 
 
 def _auto_impl(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int]) -> tuple[str, str]:

@@ -353,29 +353,6 @@ def _triton_modules():
     return triton_dwconv, triton_shiftwise
 
 
-def _triton_choice(op: str, key_fn, reason_fn, candidates: dict, default: str, impl: str,
-                   tensors: tuple) -> tuple[str, str]:
-    """``(choice, fallback)`` of a Shiftwise op between its fused Triton launch and its PyTorch form.
-
-    ``impl="triton"``: "triton" with fallback "" (failures raise), or a RuntimeError naming why it cannot run
-    (``reason_fn()``: the kernel's can_run check). ``impl="auto"`` (on a measured device, CUDA):
-    :func:`lkvision.ops.autoselect.choose` among the eligible candidates (Triton only where its can_run check,
-    memoised per key, passed), with the fallback tag for the Triton op. ``key_fn()`` builds the autoselect key."""
-    if impl == "triton":
-        unavailable_reason = reason_fn()
-        if unavailable_reason is not None:
-            raise RuntimeError(f"{op}: impl='triton' cannot run here: {unavailable_reason} (impl='auto' picks a path "
-                               "that can)")
-        return "triton", ""
-    key = key_fn()
-    unavailable_reason = autoselect.eligibility(op, key, reason_fn, tuple(tensors[0].stride()))
-    if unavailable_reason is not None:
-        candidates = {n: c for n, c in candidates.items() if n != "triton"}
-    choice = autoselect.choose(op, key, candidates, default, tensors=tensors,
-                               unavailable=None if unavailable_reason is None else {"triton": unavailable_reason})
-    return choice, autoselect.fallback_tag(op, key, choice) if choice == "triton" else ""
-
-
 def _sw_key(x: Tensor, kernels: tuple[Tensor, ...], extra: tuple) -> tuple:
     """autoselect key: device (and GPU name), dtype, layout, shape, kernel shapes, training or not (the same
     parts as dwconv2d's key, so that a saved table never matches on another GPU)."""
@@ -446,7 +423,7 @@ def shiftwise_conv(x: Tensor, weight: Tensor, pad_hv: Tensor, idx_identit: Tenso
 
     tensors = (x, kh, kv, ks)
     train = needs_grad(*tensors)
-    choice, fallback = _triton_choice(
+    choice, fallback = autoselect.triton_choice(
         "shiftwise_conv", lambda: _sw_key(x, (kh, kv, ks), (big_kernel, k)),
         lambda: kernels.can_run_shiftwise(x, kh, kv, ks, None, big_kernel, k, separate=True, needs_grad=train),
         {"triton": autoselect.candidate(fused, tensors, train), "fast": autoselect.candidate(strips, tensors, train)},
@@ -492,7 +469,7 @@ def shiftwise_deploy_conv(x: Tensor, weight_h: Tensor, bias_h: Tensor | None, we
     args = (x, weight_h, weight_v, bias_h, bias_v)
     tensors = tuple(t for t in args if t is not None)
     train = needs_grad(x, weight_h, weight_v)  # as in the key
-    choice, fallback = _triton_choice(
+    choice, fallback = autoselect.triton_choice(
         "shiftwise_deploy_conv",
         lambda: _sw_key(x, (weight_h, weight_v), (tuple(pads[0]), tuple(pads[1]), bias_h is not None)),
         lambda: kernels.can_run_dwconv2d_sum(x, [weight_h, weight_v], bias_h if bias_h is not None else bias_v, pads,
