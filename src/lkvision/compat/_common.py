@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..models._pretrained import drop_pruned  # re-exported: the same filter apply_state_dict uses
+
 __all__ = ["unwrap_state_dict", "feature_norm_indices", "keep_feature_norms", "drop_pruned", "reparameterize_to_match"]
 
 _FEATURE_NORM = re.compile(r"norm(\d)\.weight")
@@ -47,14 +49,6 @@ def keep_feature_norms(state_dict: Mapping[str, torch.Tensor], out_indices: Sequ
     keep = {int(i) for i in out_indices}
     return {k: v for k, v in state_dict.items()
             if not ((m := re.match(r"norm(\d)\.", k)) and int(m.group(1)) not in keep)}
-
-
-def drop_pruned(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """``state_dict`` (lkvision names) without the parts ``model`` removed (``model.pruned_prefixes``: the stages
-    after the last ``out_indices`` of a ``features_only`` model, its head): a full backbone checkpoint loads
-    into a model that stops early."""
-    removed = tuple(getattr(model, "pruned_prefixes", ()))
-    return {k: v for k, v in state_dict.items() if not (removed and k.startswith(removed))}
 
 
 @torch.no_grad()
