@@ -20,7 +20,8 @@ from torch import nn
 
 from ..models._pretrained import drop_pruned  # re-exported: the same filter apply_state_dict uses
 
-__all__ = ["unwrap_state_dict", "feature_norm_indices", "keep_feature_norms", "drop_pruned", "reparameterize_to_match"]
+__all__ = ["unwrap_state_dict", "feature_norm_indices", "downstream_out_indices", "keep_feature_norms", "drop_pruned",
+           "reparameterize_to_match"]
 
 _FEATURE_NORM = re.compile(r"norm(\d)\.weight")
 
@@ -41,6 +42,15 @@ def unwrap_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
 def feature_norm_indices(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
     """Stages with a downstream output norm (``norm{i}.weight``) in an official backbone state dict."""
     return tuple(sorted(int(m.group(1)) for k in state_dict if (m := _FEATURE_NORM.fullmatch(k))))
+
+
+def downstream_out_indices(state_dict: Mapping[str, torch.Tensor] | None,
+                           out_indices: Sequence[int] | None) -> tuple[int, ...] | None:
+    """The outputs of an official downstream backbone: ``out_indices`` when given, else the stages whose output
+    norm ``state_dict`` holds (:func:`feature_norm_indices`); ``None`` (a classifier) when neither names any."""
+    if out_indices is not None:
+        return tuple(out_indices)
+    return (feature_norm_indices(state_dict) if state_dict is not None else ()) or None
 
 
 def keep_feature_norms(state_dict: Mapping[str, torch.Tensor], out_indices: Sequence[int]) -> dict:
