@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from lkvision.fileio import atomic_path, atomic_write_json, atomic_write_text
+from lkvision import fileio
+from lkvision.fileio import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, make_durable
 
 
 def _leftovers(folder):
@@ -66,3 +67,19 @@ def test_permissions_follow_umask(tmp_path):
     finally:
         os.umask(old)
     assert (target.stat().st_mode & 0o777) == 0o644
+
+
+def test_deferred_fsync_and_make_durable(tmp_path, monkeypatch):
+    synced = []
+    real = fileio._fsync_path
+    monkeypatch.setattr(fileio, "_fsync_path", lambda p: (synced.append(p), real(p)))
+    a, b, c = tmp_path / "x" / "a.png", tmp_path / "x" / "b.png", tmp_path / "y" / "c.png"
+    for path in (a, b, c):
+        atomic_write_bytes(path, b"old")
+        atomic_write_bytes(path, path.name.encode(), fsync=False)  # still an atomic replacement
+        assert path.read_bytes() == path.name.encode() and _leftovers(path.parent) == []
+    assert len(synced) == 3 * 2  # only the three default writes: file + folder each
+    synced.clear()
+    gone = tmp_path / "x" / "removed.json"
+    make_durable([a, b, c, gone])  # a removed file: only its folder
+    assert synced == [a, b, c, a.parent, c.parent]

@@ -74,9 +74,6 @@ def _create(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     cfg = kwargs.pop("pretrained_cfg", None)
     if cfg is not None and hasattr(cfg, "to_dict"):  # a timm PretrainedCfg
         cfg = cfg.to_dict()
-    for key in ("pretrained_cfg_overlay", "cache_dir"):
-        if kwargs.get(key) is None:
-            kwargs.pop(key, None)
     if cfg:
         kwargs["pretrained_cfg"] = cfg
     if not kwargs.pop("features_only", False):

@@ -1,11 +1,16 @@
-"""Parameter and FLOP/MAC counting."""
+"""Parameter and FLOP/MAC counting; :func:`rebind`, the module-attribute swap behind the plain-PyTorch paths
+(:func:`lkvision.export.plain_dwconv`, :func:`lkvision.bench.baseline.plain_pytorch`)."""
 
 from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["count_params", "count_flops", "count_macs", "nonzero_params"]
+__all__ = ["count_params", "count_flops", "count_macs", "nonzero_params", "rebind"]
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -53,3 +58,27 @@ def count_flops(
 def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224)) -> int:
     """Multiply-accumulates of one forward (= FLOPs / 2; what the papers call "FLOPs")."""
     return count_flops(model, input_size) // 2
+
+
+@contextlib.contextmanager
+def rebind(pairs: Sequence[tuple[object, object]]) -> Iterator[None]:
+    """Within the block, every module attribute of ``lkvision.*`` bound to ``fast`` is bound to ``reference``,
+    for each ``(fast, reference)`` pair; restored on exit (also on error). Not thread-safe.
+
+    Rebinding by identity reaches every ``from ... import fast`` copy of a function, not only its home module.
+    """
+    patched: list[tuple[object, str, object]] = []
+    try:
+        for name, mod in list(sys.modules.items()):
+            if mod is None or not (name == "lkvision" or name.startswith("lkvision.")):
+                continue
+            for attr, val in list(vars(mod).items()):
+                for fast, ref in pairs:
+                    if val is fast:
+                        patched.append((mod, attr, val))
+                        setattr(mod, attr, ref)
+                        break
+        yield
+    finally:
+        for mod, attr, val in reversed(patched):
+            setattr(mod, attr, val)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +84,49 @@ def test_written_layout(tmp_path):
     stamp = (root / "meta.json").stat().st_mtime_ns
     write_dense_digits(tmp_path / "dd", num_train=3, num_val=4, canvas=64, max_digits=2)
     assert (root / "meta.json").stat().st_mtime_ns == stamp
+
+
+def test_pngs_are_made_durable_once_before_the_marker(tmp_path, monkeypatch):
+    from lkvision import fileio
+
+    synced = []
+    real = fileio._fsync_path
+    monkeypatch.setattr(fileio, "_fsync_path", lambda p: (synced.append(Path(p)), real(p)))
+    root = write_dense_digits(tmp_path / "dd", num_train=3, num_val=2)
+    pngs = sorted(root.glob("*_dir/*/*.png"))
+    assert len(pngs) == 10
+    names = [p for p in synced if p.suffix == ".png"]
+    assert sorted(names) == pngs  # each PNG once, under its final name (no per-file fsync of a temp file)
+    marker = next(i for i, p in enumerate(synced) if p.name.startswith(".meta."))  # meta.json's temp file
+    assert max(synced.index(p) for p in pngs) < marker
+    for split in ("train", "val"):  # each split's COCO file after its own PNGs
+        coco = next(i for i, p in enumerate(synced) if p.name.startswith(f".instances_{split}."))
+        assert max(synced.index(p) for p in pngs if p.parent.name == split) < coco
+
+
+def test_interrupted_rewrite_is_not_taken_as_complete(tmp_path, monkeypatch):
+    """A run with other parameters that stops half-way leaves no meta.json that vouches for mixed files."""
+    from PIL import Image
+
+    from lkvision.data import dense
+
+    root = write_dense_digits(tmp_path / "dd", num_train=3, num_val=2)
+    real, calls = dense._png_bytes, []
+
+    def failing(array):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(array)
+
+    monkeypatch.setattr(dense, "_png_bytes", failing)
+    with pytest.raises(KeyboardInterrupt):
+        write_dense_digits(root, num_train=3, num_val=2, seed=1)  # rewrites train/000000.png, then stops
+    assert not (root / "meta.json").exists()
+    monkeypatch.setattr(dense, "_png_bytes", real)
+    write_dense_digits(root, num_train=3, num_val=2)  # the original parameters: regenerated, not skipped
+    img = np.asarray(Image.open(root / "img_dir" / "train" / "000000.png"))
+    assert (img == generate_dense_digits("train", 3)[0].image).all()
 
 
 def test_bad_arguments():

@@ -42,6 +42,31 @@ def test_model_kwargs_parsing():
         parse_model_kwargs(["big_kernels"])
 
 
+def test_configs_take_channels_from_a_meta_backbone(monkeypatch):
+    """The configs read the backbone's output channels from a copy that holds no real weights."""
+    import torch
+
+    from lkvision.integrations import downstream
+    from lkvision.integrations.backbone import build_backbone, feature_channels
+
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(build_backbone(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(downstream, "build_backbone", spy)
+    kw = dict(dims=[8, 16, 24, 40], big_kernels=[3, 3, 3, 3])
+    seg = downstream.seg_config("sw_femto", "root", "work", model_kwargs=kw)
+    det = downstream.det_config("sw_femto", "root", "work", model_kwargs=kw)
+    assert seg["model"]["decode_head"]["in_channels"] == det["model"]["neck"]["in_channels"] == [8, 16, 24, 40]
+    assert feature_channels(build_backbone("sw_femto", **kw)) == [8, 16, 24, 40]  # the same on the CPU
+    assert seg["model"]["backbone"]["model_kwargs"] == kw and len(built) == 2
+    assert {t.device for m in built for t in [*m.parameters(), *m.buffers()]} == {torch.device("meta")}
+    assert downstream.seg_config("sw_femto", "root", "work")["model"]["decode_head"]["in_channels"] == [
+        16, 32, 48, 64]
+
+
 @pytest.mark.slow
 def test_seg_training_learns(dense_root, tmp_path):
     require("mmseg")

@@ -193,3 +193,18 @@ def test_timm_features_only_wrappers():
     assert [t.shape[1] for t in fx(x)] == [16, 32, 48, 64]
     with pytest.raises(ValueError, match="feature_cls='list' is not supported"):
         timm.create_model("unireplknet_test", features_only=True, feature_cls="list")
+
+
+def test_timm_create_passes_pretrained_cfg_overlay_and_cache_dir(tmp_path):
+    """timm always passes ``pretrained_cfg_overlay`` and ``cache_dir`` (None by default): both reach lkvision."""
+    import timm
+
+    src = lkvision.create_model("sw_femto", num_classes=5).eval()
+    path = lkvision.save_weights(src, tmp_path / "w.safetensors")
+    for features_only in (False, True):
+        m = timm.create_model("sw_femto", pretrained=True, num_classes=5, features_only=features_only,
+                              pretrained_cfg_overlay=dict(file=str(path)), cache_dir=str(tmp_path / "cache"))
+        own = m.model if features_only else m
+        assert torch.equal(own.state_dict()["stem.0.weight"], src.state_dict()["stem.0.weight"])
+    m = timm.create_model("sw_femto", features_only=True, pretrained_cfg_overlay=None, cache_dir=None)
+    assert m.feature_info.channels() == [16, 32, 48, 64]

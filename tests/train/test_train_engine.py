@@ -271,3 +271,32 @@ def test_eval_official_checkpoint_through_compat(tmp_path, capsys):
     official = json.loads(capsys.readouterr().out)
     assert official["images"] == ours["images"] == 40
     assert official["top1"] == ours["top1"] and official["loss"] == pytest.approx(ours["loss"], rel=1e-5)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names from Linux /proc")
+def test_destroy_process_group_frees_gloo_after_ddp(tmp_path):
+    """After DDP, destroying the group stops gloo's threads: nothing keeps the group alive until interpreter exit
+    (where tearing gloo down aborted a rank, rarely). Needs lkvision.train imported before the group exists."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import lkvision
+
+    code = textwrap.dedent(f"""
+        import gc, os, torch, torch.distributed as dist
+        from torch import nn
+        import lkvision.train
+        dist.init_process_group("gloo", init_method="file://{tmp_path / 'pg'}", rank=0, world_size=1)
+        ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
+        ddp(torch.randn(2, 4)).sum().backward()
+        del ddp
+        dist.destroy_process_group()
+        gc.collect()
+        names = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        assert not [n for n in names if "gloo" in n], names
+    """)
+    src = str(Path(lkvision.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -8,15 +8,16 @@ and outside the block, interleaved in one process, gives speed ratios that machi
 sides (``benchmarks/cpu_models.py``).
 
 Every fast path listed in :data:`FAST_PATHS` is a module-level function with a reference twin of the same
-signature; the parity tests check each pair.
+signature; the parity tests check each pair. The swap is :func:`lkvision.utils.rebind` (re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import sys
 from collections.abc import Iterator
+
+from ..utils import rebind
 
 __all__ = ["FAST_PATHS", "plain_pytorch", "rebind"]
 
@@ -30,27 +31,6 @@ FAST_PATHS: tuple[tuple[str, str, str], ...] = (
     ("lkvision.layers.se", "se_scale", "se_scale_reference"),
     ("lkvision.layers.shiftwise", "select_channels", "select_channels_reference"),
 )
-
-
-@contextlib.contextmanager
-def rebind(pairs: list[tuple[object, object]]) -> Iterator[None]:
-    """Within the block, every module attribute of ``lkvision.*`` bound to ``fast`` is bound to ``reference``,
-    for each ``(fast, reference)`` pair; restored on exit (also on error)."""
-    patched: list[tuple[object, str, object]] = []
-    for name, mod in list(sys.modules.items()):
-        if mod is None or not (name == "lkvision" or name.startswith("lkvision.")):
-            continue
-        for attr, val in list(vars(mod).items()):
-            for fast, ref in pairs:
-                if val is fast:
-                    patched.append((mod, attr, val))
-                    setattr(mod, attr, ref)
-                    break
-    try:
-        yield
-    finally:
-        for mod, attr, val in reversed(patched):
-            setattr(mod, attr, val)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["unwrap_state_dict", "feature_norm_indices", "keep_feature_norms", "drop_pruned", "reparameterize_to_match"]
+from ..models._pretrained import drop_pruned  # re-exported: the same filter apply_state_dict uses
+
+__all__ = ["unwrap_state_dict", "feature_norm_indices", "downstream_out_indices", "keep_feature_norms", "drop_pruned",
+           "reparameterize_to_match"]
 
 _FEATURE_NORM = re.compile(r"norm(\d)\.weight")
 
@@ -41,20 +44,21 @@ def feature_norm_indices(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, .
     return tuple(sorted(int(m.group(1)) for k in state_dict if (m := _FEATURE_NORM.fullmatch(k))))
 
 
+def downstream_out_indices(state_dict: Mapping[str, torch.Tensor] | None,
+                           out_indices: Sequence[int] | None) -> tuple[int, ...] | None:
+    """The outputs of an official downstream backbone: ``out_indices`` when given, else the stages whose output
+    norm ``state_dict`` holds (:func:`feature_norm_indices`); ``None`` (a classifier) when neither names any."""
+    if out_indices is not None:
+        return tuple(out_indices)
+    return (feature_norm_indices(state_dict) if state_dict is not None else ()) or None
+
+
 def keep_feature_norms(state_dict: Mapping[str, torch.Tensor], out_indices: Sequence[int]) -> dict:
     """Drop ``norm{i}.*`` of stages not in ``out_indices`` (the official downstream backbones build a norm for
     every stage but use only those of ``out_indices``)."""
     keep = {int(i) for i in out_indices}
     return {k: v for k, v in state_dict.items()
             if not ((m := re.match(r"norm(\d)\.", k)) and int(m.group(1)) not in keep)}
-
-
-def drop_pruned(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """``state_dict`` (lkvision names) without the parts ``model`` removed (``model.pruned_prefixes``: the stages
-    after the last ``out_indices`` of a ``features_only`` model, its head): a full backbone checkpoint loads
-    into a model that stops early."""
-    removed = tuple(getattr(model, "pruned_prefixes", ()))
-    return {k: v for k, v in state_dict.items() if not (removed and k.startswith(removed))}
 
 
 @torch.no_grad()

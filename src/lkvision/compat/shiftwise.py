@@ -45,7 +45,7 @@ import torch
 
 from ..models._weights import CheckpointError, classifier_size_hint
 from ..models.shiftwise import ShiftWiseNet
-from ._common import drop_pruned, feature_norm_indices, keep_feature_norms, unwrap_state_dict
+from ._common import downstream_out_indices, drop_pruned, keep_feature_norms, unwrap_state_dict
 
 __all__ = ["from_official", "to_official", "official_to_lkvision_kwargs", "convert_state_dict", "MODEL_KWARGS",
            "OFFICIAL_DEFAULTS", "TABLE_BUFFERS"]
@@ -169,11 +169,8 @@ def official_to_lkvision_kwargs(sd: Mapping[str, torch.Tensor] | None = None, **
     if len(ks) != 5:
         raise ValueError(f"kernel_size must list the 4 stage kernels M and the small kernel N, got {ks}")
     dims = [int(d * kw["width_factor"]) for d in kw["dims"]]
-    norms = feature_norm_indices(sd) if sd is not None else ()
-    features = {}
-    if kw.get("out_indices") is not None or norms:
-        idx = kw.get("out_indices")
-        features = dict(num_classes=0, features_only=True, out_indices=list(idx if idx is not None else norms))
+    idx = downstream_out_indices(sd, kw.get("out_indices"))
+    features = {} if idx is None else dict(num_classes=0, features_only=True, out_indices=list(idx))
     return dict(
         depths=list(kw["depths"]), dims=dims, big_kernels=ks[:4], small_kernel=ks[4],
         num_branches=kw["N_path"], edges=kw["N_rep"], ghost_ratio=kw["ghost_ratio"], in_chans=kw["in_chans"],

@@ -41,8 +41,8 @@ import torch
 from ..models._weights import CheckpointError, check_state_dict
 from ..models.slak import SLaK, slak_dims
 from ._common import (
+    downstream_out_indices,
     drop_pruned,
-    feature_norm_indices,
     keep_feature_norms,
     reparameterize_to_match,
     unwrap_state_dict,
@@ -91,10 +91,8 @@ def official_to_model_kwargs(sd: Mapping[str, torch.Tensor] | None = None, **off
         bn=bool(official_kwargs.get("bn", True)),
         decomposed=bool(official_kwargs.get("Decom", None)),  # the official `if self.Decom:` (default None)
     )
-    norms = feature_norm_indices(sd) if sd is not None else ()
-    if official_kwargs.get("out_indices") is not None or norms:
-        idx = official_kwargs.get("out_indices")
-        kw.update(num_classes=0, features_only=True, out_indices=tuple(idx if idx is not None else norms))
+    if (idx := downstream_out_indices(sd, official_kwargs.get("out_indices"))) is not None:
+        kw.update(num_classes=0, features_only=True, out_indices=idx)
     return kw
 
 

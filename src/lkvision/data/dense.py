@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import atomic_write_bytes, atomic_write_json
+from ..fileio import atomic_write_bytes, atomic_write_json, make_durable
 from .bundled import LICENSE_NOTE, _split, load_mnist_subset
 
 __all__ = ["DenseSample", "DIGIT_CLASSES", "SEG_CLASSES", "MASK_THRESHOLD", "generate_dense_digits",
@@ -186,6 +186,13 @@ def write_dense_digits(root: str | os.PathLike, num_train: int = 800, num_val: i
     """Write the dataset under ``root`` (layout in the module docstring); returns ``Path(root)``.
 
     Skips the work when ``root/meta.json`` records the same parameters (the files are a pure function of them).
+    ``meta.json`` is the completion marker: a stale one is removed before any file is rewritten, and the new one
+    is written last. Each file is replaced atomically (a killed run never leaves a half-written PNG under its
+    final name), but the PNGs are not ``fsync``-ed one by one (two ``fsync`` calls per small file dominated the
+    run time): each split's PNGs and their folders are made durable in one pass (:func:`lkvision.fileio.make_durable`)
+    before its COCO file and ``meta.json`` are written. So after a crash or a power cut, a ``meta.json`` that
+    matches always vouches for complete files; without it everything is regenerated (the folder is a pure
+    function of the parameters).
     """
     root = Path(root)
     meta = dict(format=_FORMAT_VERSION, num_train=num_train, num_val=num_val, canvas=canvas,
@@ -198,6 +205,8 @@ def write_dense_digits(root: str | os.PathLike, num_train: int = 800, num_val: i
                 return root
         except (OSError, ValueError):
             pass
+        meta_path.unlink()  # it describes other files: an interrupted rewrite must not be taken as complete
+        make_durable([meta_path])
     for split, n in (("train", num_train), ("val", num_val)):
         samples = generate_dense_digits(split, n, canvas, max_digits, distractors, seed)
         for sub in ("img_dir", "ann_dir"):  # images of an earlier, larger generation would join the split
@@ -206,9 +215,11 @@ def write_dense_digits(root: str | os.PathLike, num_train: int = 800, num_val: i
                 for old in folder.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):
                     if int(old.stem) >= n:
                         old.unlink()
+        written = []
         for i, s in enumerate(samples):
-            atomic_write_bytes(root / "img_dir" / split / f"{i:06d}.png", _png_bytes(s.image))
-            atomic_write_bytes(root / "ann_dir" / split / f"{i:06d}.png", _png_bytes(s.semantic))
+            for sub, array in (("img_dir", s.image), ("ann_dir", s.semantic)):
+                written.append(atomic_write_bytes(root / sub / split / f"{i:06d}.png", _png_bytes(array), fsync=False))
+        make_durable(written)  # one pass instead of two fsync calls per PNG; before the files that vouch for them
         atomic_write_json(root / "annotations" / f"instances_{split}.json", _coco_dict(samples, split), indent=None)
     atomic_write_json(meta_path, meta)  # last: its presence means the files are complete
     return root

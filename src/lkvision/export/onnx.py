@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fileio import atomic_path
+from ..utils import rebind
 
 __all__ = ["export_onnx", "export_program", "plain_dwconv", "OnnxExport", "ExportError", "example_input"]
 
@@ -55,28 +55,15 @@ def plain_dwconv() -> Iterator[None]:
     """Within the block, every ``dwconv2d`` that lkvision modules call is plain ``F.conv2d`` (exportable).
 
     Rebinds ``lkvision.ops.dwconv.dwconv2d`` and every ``dwconv2d`` name that an ``lkvision.*`` module
-    imported from it; restores them on exit.
+    imported from it (:func:`lkvision.utils.rebind`); restores them on exit.
     """
     try:
         from ..ops import dwconv as dw_mod
     except ImportError:  # pragma: no cover - no dispatcher: nothing to reroute
         yield
         return
-    original = dw_mod.dwconv2d
-    patched: list[tuple[object, str]] = []
-    for name, mod in list(sys.modules.items()):
-        if mod is None or not (name == "lkvision" or name.startswith("lkvision.")):
-            continue
-        for attr, val in list(vars(mod).items()):
-            if val is original:
-                patched.append((mod, attr))
-    try:
-        for mod, attr in patched:
-            setattr(mod, attr, _plain_dwconv2d)
+    with rebind([(dw_mod.dwconv2d, _plain_dwconv2d)]):
         yield
-    finally:
-        for mod, attr in patched:
-            setattr(mod, attr, original)
 
 
 def example_input(model: nn.Module, input_size: int | Sequence[int], batch: int = 1) -> torch.Tensor:

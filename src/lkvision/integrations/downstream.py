@@ -31,6 +31,13 @@ _MEAN = [BUNDLED_MEAN[0] * 255.0] * 3
 _STD = [BUNDLED_STD[0] * 255.0] * 3
 
 
+def _backbone_channels(model_name: str, model_kwargs: dict | None) -> list[int]:
+    """Channels of the 4 outputs of the backbone, read from a copy built on the meta device (no weights are
+    allocated or initialised; the runner builds the real one)."""
+    with torch.device("meta"):
+        return feature_channels(build_backbone(model_name, **(model_kwargs or {})))
+
+
 def _common(root: str, work_dir: str, iters: int, lr: float, batch_size: int, seed: int, scope: str,
             val_evaluator: dict, train_dataset: dict, val_dataset: dict, model: dict) -> dict:
     return dict(
@@ -68,7 +75,7 @@ def _common(root: str, work_dir: str, iters: int, lr: float, batch_size: int, se
 def seg_config(model_name: str, root: str, work_dir: str, iters: int = 400, lr: float = 1e-3,
                batch_size: int = 8, seed: int = 0, model_kwargs: dict | None = None, canvas: int = 64) -> dict:
     """mmseg config: ``model_name`` + UperNet (64 channels) on ``root`` (written by ``write_dense_digits``)."""
-    chs = feature_channels(build_backbone(model_name, **(model_kwargs or {})))
+    chs = _backbone_channels(model_name, model_kwargs)
     norm = dict(type="BN", requires_grad=True)
     model = dict(
         type="EncoderDecoder",
@@ -99,7 +106,7 @@ def seg_config(model_name: str, root: str, work_dir: str, iters: int = 400, lr: 
 def det_config(model_name: str, root: str, work_dir: str, iters: int = 400, lr: float = 1e-3,
                batch_size: int = 8, seed: int = 0, model_kwargs: dict | None = None, canvas: int = 64) -> dict:
     """mmdet config: ``model_name`` + Mask R-CNN (FPN, 64 channels) on ``root``."""
-    chs = feature_channels(build_backbone(model_name, **(model_kwargs or {})))
+    chs = _backbone_channels(model_name, model_kwargs)
     width, classes = 64, len(DIGIT_CLASSES)
     extractor = dict(type="SingleRoIExtractor", out_channels=width, featmap_strides=[4, 8, 16, 32])
     model = dict(

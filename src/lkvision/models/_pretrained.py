@@ -27,7 +27,7 @@ from torch import nn
 from ._weights import CheckpointError, _fmt, load_state_dict_file
 
 __all__ = ["pretrained_cfg", "resolve_pretrained_cfg", "build_model_with_cfg", "load_pretrained",
-           "apply_state_dict", "adapt_input_conv", "cfg_for_features", "IMAGENET_DEFAULT_MEAN",
+           "apply_state_dict", "drop_pruned", "adapt_input_conv", "cfg_for_features", "IMAGENET_DEFAULT_MEAN",
            "IMAGENET_DEFAULT_STD", "IMAGENET_INCEPTION_MEAN", "IMAGENET_INCEPTION_STD"]
 
 _logger = logging.getLogger("lkvision.pretrained")
@@ -179,6 +179,14 @@ def adapt_input_conv(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
     return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (3 / in_chans)
 
 
+def drop_pruned(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state_dict`` without the parts ``model`` removed (``model.pruned_prefixes``: the stages after the last
+    ``out_indices`` of a ``features_only`` model, its head): a full backbone checkpoint loads into a model that
+    stops early. Names are lkvision's."""
+    removed = tuple(getattr(model, "pruned_prefixes", ()))
+    return {k: v for k, v in state_dict.items() if not k.startswith(removed)}
+
+
 def apply_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
                      name: str = "checkpoint") -> None:
     """Load ``state_dict`` into ``model`` requiring every backbone tensor.
@@ -186,15 +194,15 @@ def apply_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
     Allowed differences (listed at info level): the classification head (``model.head_names``) missing from
     the file, or present in the file but absent from the model (``num_classes=0``, ``features_only``) or of
     another size (another ``num_classes``: the new classifier stays at its init); parts the model removed
-    (``model.pruned_prefixes``: stages after the last ``out_indices``); the ``features_only`` per-output norms
-    missing from a classification checkpoint. Anything else missing, unexpected or mis-shaped raises
-    :class:`CheckpointError` naming the keys (``strict=False``: logged as a warning instead).
+    (``model.pruned_prefixes``: stages after the last ``out_indices``, filtered by :func:`drop_pruned`); the
+    ``features_only`` per-output norms missing from a classification checkpoint. Anything else missing,
+    unexpected or mis-shaped raises :class:`CheckpointError` naming the keys (``strict=False``: logged as a
+    warning instead).
     """
     own = model.state_dict()
     heads = tuple(f"{h}." for h in getattr(model, "head_names", ()))
-    removed = tuple(getattr(model, "pruned_prefixes", ()))
     new_parts = heads + ("feature_norms.",)
-    sd = {k: v for k, v in state_dict.items() if not k.startswith(removed)}
+    sd = drop_pruned(state_dict, model)
     dropped = sorted(set(state_dict) - set(sd))
     shape_bad = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
     for k in [k for k in shape_bad if k.startswith(heads)]:

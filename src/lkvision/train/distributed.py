@@ -14,6 +14,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+if dist.is_available():
+    # Imported here, before any process group exists, for its side effect: ``torch.distributed.nn.functional``
+    # binds ``group=group.WORLD`` as default arguments when it is imported. Imported later (DDP's constructor
+    # imports it through torch._dynamo), those defaults hold the default group for the rest of the process:
+    # ``destroy_process_group`` cannot free it and gloo's threads are torn down only at interpreter exit, where
+    # a rank was aborted, rarely ("terminate called without an active exception").
+    import torch.distributed.nn  # noqa: F401
+
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "unwrap_model", "all_reduce_sum",
            "broadcast_object", "barrier"]
 
