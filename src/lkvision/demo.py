@@ -132,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     bf16_failed = False
     if args.dtype != "fp32":
         from lkvision.bench.precision import BF16_TOLERANCE, relative_error
+        from lkvision.bench.roofline import bf16_speed_note
 
+        if note := bf16_speed_note("cpu"):
+            print(note, file=sys.stderr)
         tol = BF16_TOLERANCE if args.bf16_tol is None else args.bf16_tol
         if args.dtype == "bf16":
             model, deploy, x = model.to(torch.bfloat16), deploy.to(torch.bfloat16), x.to(torch.bfloat16)

@@ -61,3 +61,23 @@ def test_bench_cli_models_train_and_dwconv(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert {r["path"] for r in rows} >= {"pytorch", "torch", "custom"} and all("error" not in r for r in rows)
     assert "ratio_to_first" in capsys.readouterr().out
+
+
+def test_bf16_speed_note_measures_and_is_printed_when_bf16_is_slower(monkeypatch, capsys):
+    """``bf16_speed_note``: a real measurement (a positive ratio, cached), None on non-CPU devices, and a one-line
+    note from the bf16 CLIs when this CPU runs bf16 GEMMs slower than fp32 ones (as on Intel Xeons without AMX)."""
+    from lkvision.bench import roofline
+    from lkvision.cli import main
+    from lkvision.models.shiftwise import TEST_MODELS
+
+    ratio = roofline.cpu_bf16_gemm_speedup()
+    assert ratio > 0 and roofline.cpu_bf16_gemm_speedup() == ratio  # measured once
+    assert roofline.bf16_speed_note("meta") is None
+    assert (roofline.bf16_speed_note("cpu") is None) == (ratio >= 1.0)
+    args = ["--models", "sw_pico", "--model-kwargs", json.dumps(dict(TEST_MODELS["sw_pico"])), "-r", "32",
+            "--warmup", "0", "--iters", "1", "-b", "1", "--dtype", "bf16"]
+    for fake, shown in ((0.5, True), (1.9, False)):
+        monkeypatch.setattr(roofline, "cpu_bf16_gemm_speedup", lambda fake=fake: fake)
+        assert main(["bench", "models", *args]) == 0
+        err = capsys.readouterr().err
+        assert ("bf16 matrix products run at 0.50x the speed of fp32" in err) == shown, err

@@ -32,6 +32,11 @@ def _models(args, argv: list[str], train: bool) -> int:
     from .throughput import inference_throughput, train_throughput
 
     rows = []
+    if args.dtype == "bf16":
+        from .roofline import bf16_speed_note
+
+        if note := bf16_speed_note(args.device):
+            print(note, file=sys.stderr)
     kwargs = parse_model_kwargs(args.model_kwargs)
     form_arg = getattr(args, "form", "train")
     forms = ["train", "deploy"] if form_arg == "both" else [form_arg]

@@ -190,7 +190,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="weights and inputs in this dtype (bf16: fast on CPUs with AVX-512-bf16/AMX; see docs/ops.md)")
+                   help="weights and inputs in this dtype (bf16: fast on CPUs with AMX or AMD's AVX-512-bf16; a "
+                        "note says when it is slower than fp32 here; see docs/ops.md)")
     p.add_argument("--deploy", action="store_true", help="evaluate the re-parameterized (deploy) form")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--subset", type=int, help="evaluate only this many images")
@@ -308,6 +309,10 @@ def run_eval(args: argparse.Namespace) -> dict:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.dtype == "bf16":
+        from ..bench.roofline import bf16_speed_note
+
+        if info.rank == 0 and (note := bf16_speed_note(info.device)):
+            print(note, file=sys.stderr)
         model = _with_input_dtype(model, torch.bfloat16)
     sampler = ResumableSampler(len(val), False, 0, info.rank, info.world_size, pad=False)
     loader = make_loader(EpochSeededDataset(val, 0), args.batch_size, sampler, args.workers,
