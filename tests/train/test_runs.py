@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,27 @@ def test_unknown_keys_at_any_depth_are_one_line_errors(tmp_path, capsys):
     # model_kwargs has no schema in the recipe: the model's constructor names the key when the run starts
     with pytest.raises(ConfigError, match=r"model_kwargs.*'dimm'.*closest valid argument: 'dim'"):
         train(quick_cfg(tmp_path / "x", model_kwargs={"dimm": 8}))
+
+
+def test_torchrun_worker_on_its_way_out_ignores_later_signals_until_it_exits():
+    """A worker that stopped on SIGTERM under torchrun keeps ignoring SIGINT/SIGTERM (the launcher sends another
+    as soon as a peer exits) through interpreter shutdown, where Python resets its own handlers to the default:
+    the process still exits with 143, not killed by the signal (-15)."""
+    code = textwrap.dedent('''
+        import atexit, os, signal, sys
+        from lkvision.train.stop import GracefulStop, TrainingInterrupted
+        stop = GracefulStop(announce=False, abort_on_repeat=False)
+        try:
+            with stop:
+                stop.arm()
+                os.kill(os.getpid(), signal.SIGTERM)  # the first signal: noted, the step finishes
+                raise TrainingInterrupted(stop.signum, 3, None)
+        except TrainingInterrupted as e:
+            code = e.exit_code
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN, signal.getsignal(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's repeat while reporting: ignored
+        atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))  # and one during shutdown
+        sys.exit(code)
+    ''')
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr[-2000:]

@@ -92,7 +92,12 @@ class GracefulStop:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is TrainingInterrupted and not self.abort_on_repeat:
             # a torchrun worker on its way out: the launcher may signal it again (it does so as soon as another
-            # rank has exited); keep ignoring repeats so that it still reports and exits with 128 + signal
+            # rank has exited); ignore repeats so that it still reports and exits with 128 + signal. SIG_IGN, not
+            # this handler: Python resets its own handlers to the default at interpreter shutdown, where a late
+            # SIGTERM then killed the rank (exit -15 instead of 143); an ignored signal stays ignored
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+            self._previous.clear()
             return
         self.disarm()
 
