@@ -130,9 +130,8 @@ def _bf16_nhwc_would_hang(x: Tensor, weight: Tensor) -> bool:
 def _symmetric(x: Tensor, weight: Tensor, pad4: tuple[int, int, int, int]
                ) -> tuple[Tensor, Tensor, tuple[int, int]]:
     """``(x, weight, (ph, pw))`` such that ``F.conv2d(x, weight, padding=(ph, pw), groups=C)`` is the depth-wise
-    conv of the inputs with F.pad-style ``pad4``: the kernel widened where oneDNN runs it faster, asymmetric
+    conv of the inputs with F.pad-style ``pad4`` (a kernel already widened by :func:`_widen_for_cpu`): asymmetric
     padding turned into zero taps (small kernels, CPU channels_last) or, failing that, a padded copy of ``x``."""
-    weight, pad4 = _widen_for_cpu(x, weight, pad4)
     left, right, top, bottom = pad4
     if (left, top) == (right, bottom):
         return x, weight, (top, left)
@@ -147,7 +146,8 @@ def _symmetric(x: Tensor, weight: Tensor, pad4: tuple[int, int, int, int]
 
 def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int]) -> Tensor:
     """F.conv2d with F.pad-style (left, right, top, bottom) padding, possibly asymmetric."""
-    if _bf16_nhwc_would_hang(x, _widen_for_cpu(x, weight, pad4)[0]):
+    weight, pad4 = _widen_for_cpu(x, weight, pad4)
+    if _bf16_nhwc_would_hang(x, weight):
         with torch.autocast(x.device.type, enabled=False):  # autocast would cast the fp32 inputs back
             return _conv(x.float(), weight.float(), None if bias is None else bias.float(), pad4).to(x.dtype)
     x, weight, padding = _symmetric(x, weight, pad4)
@@ -451,7 +451,7 @@ def dwconv2d_sum(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], 
                  impl: str = "auto") -> Tensor:
     """:func:`dwconv2d_sum_reference`, with every conv after the first accumulated into the first one's output
     by oneDNN (one fused conv + add, in place) on CPU when no gradient is needed: no separate add pass and no
-    extra full-size buffer per term (SW-tiny's deploy strips: 1.05-1.7x faster per layer, measured in
+    extra full-size buffer per term (SW-tiny's deploy strips: 1.1-1.6x faster per layer, measured in
     ``docs/ops.md``). Elsewhere, and for terms whose padding needs a padded copy of ``x``, the reference.
 
     x (B, C, H, W); ``weights[i]`` (C, 1, KH_i, KW_i) with ``paddings[i]`` (any :func:`dwconv2d` padding) giving
@@ -471,12 +471,13 @@ def dwconv2d_sum(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], 
     for w, b, p in zip(weights[1:], biases[1:], paddings[1:]):
         _check_inputs(x, w, b)
         pad4 = normalize_padding(p, tuple(w.shape[-2:]))
-        xs, ws, padding = _symmetric(x, w, pad4)
+        wide, wide_pad4 = _widen_for_cpu(x, w, pad4)
+        xs, ws, padding = _symmetric(x, wide, wide_pad4)
         out_hw = (xs.shape[2] + 2 * padding[0] - ws.shape[2] + 1, xs.shape[3] + 2 * padding[1] - ws.shape[3] + 1)
         if out_hw != tuple(out.shape[2:]):
             raise ValueError(f"dwconv2d_sum: the terms give different output sizes: {tuple(out.shape[2:])} and "
                              f"{out_hw} (kernel {tuple(w.shape[-2:])}, padding {pad4})")
-        if (xs is x and out.is_contiguous(memory_format=torch.channels_last) and not _bf16_nhwc_would_hang(x, ws)
+        if (xs is x and out.is_contiguous(memory_format=torch.channels_last) and not _bf16_nhwc_would_hang(x, wide)
                 and (b is None or b.dtype == x.dtype)):
             out = _conv_add_(out, x, ws, b, padding)
         else:

@@ -353,10 +353,9 @@ def _triton_modules():
     return triton_dwconv, triton_shiftwise
 
 
-def _sw_key(x: Tensor, kernels: tuple[Tensor, ...], extra: tuple) -> tuple:
+def _sw_key(x: Tensor, kernels: tuple[Tensor, ...], extra: tuple, train: bool) -> tuple:
     """autoselect key: device (and GPU name), dtype, layout, shape, kernel shapes, training or not (the same
     parts as dwconv2d's key, so that a saved table never matches on another GPU)."""
-    train = needs_grad(x, *kernels)
     return (str(x.device), _device_name(x.device), x.dtype, _memory_layout(x), tuple(x.shape),
             *(tuple(t.shape) for t in kernels), *extra, train)
 
@@ -424,7 +423,7 @@ def shiftwise_conv(x: Tensor, weight: Tensor, pad_hv: Tensor, idx_identit: Tenso
     tensors = (x, kh, kv, ks)
     train = needs_grad(*tensors)
     choice, fallback = autoselect.triton_choice(
-        "shiftwise_conv", lambda: _sw_key(x, (kh, kv, ks), (big_kernel, k)),
+        "shiftwise_conv", lambda: _sw_key(x, (kh, kv, ks), (big_kernel, k), train),
         lambda: kernels.can_run_shiftwise(x, kh, kv, ks, None, big_kernel, k, separate=True, needs_grad=train),
         {"triton": autoselect.candidate(fused, tensors, train), "fast": autoselect.candidate(strips, tensors, train)},
         "fast", impl, tensors)
@@ -468,10 +467,10 @@ def shiftwise_deploy_conv(x: Tensor, weight_h: Tensor, bias_h: Tensor | None, we
 
     args = (x, weight_h, weight_v, bias_h, bias_v)
     tensors = tuple(t for t in args if t is not None)
-    train = needs_grad(x, weight_h, weight_v)  # as in the key
+    train = needs_grad(x, weight_h, weight_v)  # also the key's training flag
     choice, fallback = autoselect.triton_choice(
         "shiftwise_deploy_conv",
-        lambda: _sw_key(x, (weight_h, weight_v), (tuple(pads[0]), tuple(pads[1]), bias_h is not None)),
+        lambda: _sw_key(x, (weight_h, weight_v), (tuple(pads[0]), tuple(pads[1]), bias_h is not None), train),
         lambda: kernels.can_run_dwconv2d_sum(x, [weight_h, weight_v], bias_h if bias_h is not None else bias_v, pads,
                                              needs_grad=train),
         {"triton": autoselect.candidate(fused, args, train), "two_convs": autoselect.candidate(two_convs, args, train)},
