@@ -1,6 +1,7 @@
 """Deploy-form strip sums on CPU: ``dwconv2d_sum`` (oneDNN adds each later conv into the first one's output,
-in place) against its reference (separate ``dwconv2d`` calls and adds), and a no-grad ``dwconv2d`` call against
-the same call through the ``lkvision::dwconv2d`` custom op.
+in place) against its reference (separate ``dwconv2d`` calls and adds), a no-grad ``dwconv2d`` call against
+the same call through the ``lkvision::dwconv2d`` custom op, and single large kernels: ``dwconv2d`` (dead taps cut,
+the width rule of this CPU) against plain ``F.conv2d`` of the full kernel, inference and forward + backward.
 
 Shapes: SW-tiny and SLaK-T deploy layers at 224^2. Each line is the median of the per-round ratios over
 interleaved rounds (:mod:`lkvision.bench.compare`), CPU clock (robust on a shared machine), one thread by
@@ -27,6 +28,43 @@ LAYERS = {  # name: (channels, size, [(kernel, padding) of each term])
     "SLaK-T stage 1, 96 ch 56^2, 51x5 + 5x51": (96, 56, [((51, 5), (25, 2)), ((5, 51), (2, 25))]),
     "SLaK-T stage 3, 384 ch 14^2, 47x5 + 5x47": (384, 14, [((47, 5), (23, 2)), ((5, 47), (2, 23))]),
 }
+
+
+SINGLE = {  # name: (channels, size, kernel, padding): one depth-wise conv of a model layer at 224^2
+    "SW-tiny stage 3 strip, 320 ch 14^2, 3x48": (320, 14, (3, 48), (23, 24, 1, 1)),
+    "SLaK-T stage 3 strip, 384 ch 14^2, 47x5": (384, 14, (47, 5), (2, 2, 23, 23)),
+    "UniRepLKNet-T stage 3, 320 ch 14^2, 13x13": (320, 14, (13, 13), (6, 6, 6, 6)),
+    "RepLKNet-31B stage 2, 256 ch 28^2, 29x29": (256, 28, (29, 29), (14, 14, 14, 14)),
+}
+
+
+def _single_layers(batch: int, dtype: torch.dtype, rounds: int, g: torch.Generator) -> None:
+    import torch.nn.functional as F
+
+    print("\n| single layer, fwd (fwd+bwd) | plain F.conv2d | dwconv2d | speed-up |\n|---|---|---|---|")
+    for name, (c, size, kernel, pad4) in SINGLE.items():
+        x = torch.randn(batch, c, size, size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(c, 1, *kernel, generator=g).to(dtype), torch.randn(c, generator=g).to(dtype)
+        go = torch.randn(x.shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+
+        def plain(x=x, w=w, b=b, pad4=pad4):
+            return F.conv2d(F.pad(x, pad4) if pad4[0] != pad4[1] else x, w, b,
+                            padding=(pad4[2], pad4[0]) if pad4[0] == pad4[1] else 0, groups=x.shape[1])
+
+        def ours(x=x, w=w, b=b, pad4=pad4):
+            return dwconv2d(x, w, b, pad4)
+
+        def train(fn, x=x, w=w, b=b, go=go):
+            leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+            with torch.enable_grad():
+                fn(*leaves).backward(go)
+
+        t = interleave({"plain": plain, "ours": ours}, rounds=rounds, iters=3, clock="cpu")
+        tt = interleave({"plain": lambda: train(plain), "ours": lambda: train(ours)}, rounds=rounds, iters=1,
+                        clock="cpu")
+        r = ratio(tt, "plain", "ours")
+        print(_line(name, t, "plain", "ours", 1e3, "ms")[:-1]
+              + f" fwd+bwd {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}) |")
 
 
 def _line(name: str, times: dict, slow: str, fast: str, unit: float, suffix: str) -> str:
@@ -65,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                         "direct": lambda: dwconv2d(x, w, b, "same")}, rounds=args.rounds, iters=20, clock="cpu")
         print("\n| no-grad dwconv2d | through the custom op | direct | speed-up |\n|---|---|---|---|")
         print(_line("640 ch 7^2, 13x13", t, "op", "direct", 1e6, "us"))
+        _single_layers(args.batch, dtype, args.rounds, g)
     return 0
 
 

@@ -320,7 +320,10 @@ def test_deploy_backbone_predicts_the_same(mmseg_models, name):
         a = train_form.predict(inputs, samples)
         b = deploy.predict(inputs, [s.clone() for s in samples])
     assert deploy.backbone._deployed
-    torch.testing.assert_close(b[0].seg_logits.data, a[0].seg_logits.data, atol=1e-4, rtol=1e-4)
+    a, b = a[0].seg_logits.data, b[0].seg_logits.data
+    # fp32 summation order differs between the forms: a tolerance relative to the logits' scale (ResNet-18 with
+    # randomized BN gives logits up to ~150, where oneDNN's AVX2 kernels differ by 1.7e-4)
+    torch.testing.assert_close(b, a, atol=1e-5 * float(a.abs().max()), rtol=1e-4)
     deploy.train()
     with pytest.raises(RuntimeError, match="inference"):
         deploy.backbone(inputs)

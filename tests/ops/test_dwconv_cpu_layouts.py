@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lkvision.ops import dwconv as dwconv_mod
 from lkvision.ops import dwconv2d
-from lkvision.ops.dwconv import _CPU_NHWC_WIDEN, dwconv2d_grad_weight, normalize_padding
+from lkvision.ops.dwconv import _CPU_NHWC_WIDEN, _cpu_widen_table, dwconv2d_grad_weight, normalize_padding
 
 
 def _ref(x, w, b, pad4):
@@ -67,6 +68,17 @@ def test_widening_table_is_symmetric_and_small():
     lands on a width that oneDNN runs fast (>= 14)."""
     for width, extra in _CPU_NHWC_WIDEN.items():
         assert width + 2 * extra >= 14 and extra <= 2
+
+
+@pytest.mark.parametrize("capability,widened", [("AVX512", True), ("AVX2", False), ("DEFAULT", False)])
+def test_widening_only_where_onednn_runs_avx512(capability, widened, monkeypatch):
+    """The slow widths are a property of oneDNN's AVX-512 NHWC kernel; its AVX2 kernel costs the same per tap
+    for every width, so a 13x13 kernel is widened to 13x15 on an AVX-512 CPU only."""
+    assert dwconv_mod._CPU_CAPABILITY == torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(dwconv_mod, "_CPU_CAPABILITY", capability)
+    x = torch.randn(1, 4, 9, 9).contiguous(memory_format=torch.channels_last)
+    w, pad4 = dwconv_mod._widen_for_cpu(x, torch.randn(4, 1, 13, 13), (6, 6, 6, 6))
+    assert w.shape[-1] == (15 if widened else 13) and pad4 == ((7, 7, 6, 6) if widened else (6, 6, 6, 6))
 
 
 def test_bf16_few_channel_wide_kernels_do_not_hang():
@@ -134,10 +146,13 @@ def _sum_problem(case, c=20, dtype=torch.float32, bias=True, seed=0):
 @pytest.mark.parametrize("case", list(SUM_CASES))
 def test_dwconv2d_sum_in_place_matches_float64(case, dtype, layout, monkeypatch):
     """The inference path (oneDNN adds each later term into the first one's output) against float64 F.conv2d,
-    and against the reference (separate convs and adds) of the same dtype; every term that can be fused is."""
+    and against the reference (separate convs and adds) of the same dtype; every term that can be fused is.
+    Where oneDNN has no such kernel for the dtype (bf16 on a CPU without AVX-512: "bf16 path needs the cpu
+    support avx_ne_convert or avx512bw ..."), the probe says so and no term is fused."""
     from lkvision.ops import dwconv as dw
 
-    assert dw.onednn_conv_add_available(dtype)  # (its probe calls _conv_add_ once: before counting)
+    available = dw.onednn_conv_add_available(dtype)  # (its probe calls _conv_add_ once: before counting)
+    assert available or (dtype == torch.bfloat16 and not dw._CPU_CAPABILITY.startswith("AVX512"))
     fused = []
     real = dw._conv_add_
     monkeypatch.setattr(dw, "_conv_add_", lambda acc, *a: fused.append(acc) or real(acc, *a))
@@ -151,7 +166,7 @@ def test_dwconv2d_sum_in_place_matches_float64(case, dtype, layout, monkeypatch)
     torch.testing.assert_close(out.double(), want, **tol)
     torch.testing.assert_close(out, ref, **tol)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
-    assert len(fused) == {"three_terms": 2, "padded_copy": 0}.get(case, 1)
+    assert len(fused) == ({"three_terms": 2, "padded_copy": 0}.get(case, 1) if available else 0)
     assert all(acc is out for acc in fused)  # in place: one output buffer
 
 
@@ -224,7 +239,7 @@ def test_dwconv2d_sum_bf16_few_channels_avoids_the_hanging_kernel(monkeypatch):
     computed in fp32 (as dwconv2d does) and added, not fused (a fused call fails here instead of hanging)."""
     from lkvision.ops import dwconv as dw
 
-    assert dw.onednn_conv_add_available(torch.bfloat16)
+    dw.onednn_conv_add_available(torch.bfloat16)  # probe first (False without AVX-512: nothing is fused then)
 
     def refuse(acc, x, w, *args):
         raise AssertionError(f"fused call with a {tuple(w.shape)} bf16 kernel on {x.shape[1]} channels")
@@ -236,3 +251,52 @@ def test_dwconv2d_sum_bf16_few_channels_avoids_the_hanging_kernel(monkeypatch):
         out = dw.dwconv2d_sum(x, ws, bs, ps)
     want = _sum_ref(x.double(), [w.double() for w in ws], [b.double() for b in bs], ps)
     torch.testing.assert_close(out.double(), want, rtol=3e-2, atol=8e-2)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("hw,kernel,pad4,conv_kernel", [
+    ((14, 14), (31, 31), (15, 15, 15, 15), (27, 27)),  # RepLKNet-31B stage 3
+    ((7, 7), (31, 31), (15, 15, 15, 15), (13, 13)),  # stage 4 (widened to 13x15 on CPU)
+    ((14, 14), (3, 48), (23, 24, 1, 1), (3, 27)),  # SW-tiny stage-3 strip, asymmetric
+    ((14, 14), (47, 5), (2, 2, 23, 23), (27, 5)),  # SLaK-T stage-3 strip
+    ((5, 6), (13, 17), (2, 9, 10, 1), (6, 6)),  # asymmetric, cut on both axes
+    ((7, 7), (3, 15), (7, 7, 1, 1), (3, 13)),  # cut to a width widening would undo on channels_last
+])
+def test_dead_taps_are_cut(hw, kernel, pad4, conv_kernel, layout, monkeypatch):
+    """Taps that only ever meet the zero padding (a kernel larger than its input plus padding can reach) are cut
+    before the library conv runs, forward and for both gradients; the values are those of the full kernel
+    (float64), and the weight gradient of a dead tap is exactly zero."""
+    seen = []
+    conv2d = F.conv2d
+
+    def spy(inp, weight, *args, **kwargs):
+        seen.append(tuple(weight.shape[-2:]))
+        return conv2d(inp, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, *hw, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 1, *kernel, generator=g, dtype=torch.float64)
+    xl = x.contiguous(memory_format=layout).requires_grad_()
+    wl = w.clone().requires_grad_()
+    out = dwconv2d(xl, wl, None, pad4)
+    want = _ref(x.requires_grad_(), w.requires_grad_(), None, pad4)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    # the CPU path runs oneDNN's NHWC kernel for either input layout: slow widths are widened
+    expect = (conv_kernel[0], conv_kernel[1] + 2 * _cpu_widen_table().get(conv_kernel[1], 0))
+    if expect[1] >= kernel[1]:  # the cut is skipped where widening would give the width back
+        expect = (conv_kernel[0], kernel[1])
+    assert seen[0] == expect
+    go = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    gx, gw = torch.autograd.grad(out, (xl, wl), go)
+    rx, rw = torch.autograd.grad(want, (x, w), go)
+    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)
+    live = torch.zeros(kernel, dtype=torch.bool)
+    h, w_ = hw
+    for t in range(kernel[0]):
+        for u in range(kernel[1]):
+            rows = [o - pad4[2] + t for o in range(want.shape[2])]
+            cols = [o - pad4[0] + u for o in range(want.shape[3])]
+            live[t, u] = any(0 <= r < h for r in rows) and any(0 <= c < w_ for c in cols)
+    assert not live.all() and (gw[:, :, ~live] == 0).all()

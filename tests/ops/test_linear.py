@@ -28,8 +28,8 @@ def _data(dtype, shape=(2, 5, 7, 24), n=40, seed=0):
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_inference_matches_reference(dtype, act, with_bias, with_residual):
-    if dtype == torch.bfloat16 and not onednn_linear_available(dtype):
-        pytest.skip("no bf16 oneDNN inner product here")
+    """Fused oneDNN call where it runs for the dtype; elsewhere (bf16 on a CPU without AVX-512) the reference
+    serves the call, and the result is checked the same way."""
     x, w, b, r = _data(dtype)
     b = b if with_bias else None
     r = r if with_residual else None

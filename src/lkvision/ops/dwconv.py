@@ -97,7 +97,17 @@ _MAX_ZERO_TAP_KERNEL = 64  # kernel taps (KH*KW) up to which zero taps may be us
 # runs 3x faster widened to 13x15 with a zero column on each side (2.8 vs 8.5 ms at (4, 80, 56, 56)), although
 # it does 15% more multiply-adds. Widths in this table get that many zero columns on each side on CPU
 # channels_last tensors (the adjoint of the padding is the same widening, so backward benefits too).
+# Only where oneDNN runs its AVX-512 kernels: its AVX2 kernel costs the same per tap for every width 3-31
+# (0.030-0.034 ms per tap at that shape on an AMD Zen 3), so there widening would only add 15% of work.
 _CPU_NHWC_WIDEN = {10: 2, 11: 2, 12: 1, 13: 1}
+
+
+_CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()  # read once (torch.compile cannot trace the call)
+
+
+def _cpu_widen_table() -> dict[int, int]:
+    """:data:`_CPU_NHWC_WIDEN` on CPUs where PyTorch (and so oneDNN) runs AVX-512 code, else no widening."""
+    return _CPU_NHWC_WIDEN if _CPU_CAPABILITY.startswith("AVX512") else {}
 
 
 def _cpu_nhwc(x: Tensor) -> bool:
@@ -108,7 +118,7 @@ def _cpu_nhwc(x: Tensor) -> bool:
 def _widen_for_cpu(x: Tensor, weight: Tensor, pad4: tuple[int, int, int, int]
                    ) -> tuple[Tensor, tuple[int, int, int, int]]:
     """Zero columns for kernel widths that oneDNN's CPU NHWC depth-wise kernel runs slowly (table above)."""
-    extra = _CPU_NHWC_WIDEN.get(weight.shape[-1], 0)
+    extra = _cpu_widen_table().get(weight.shape[-1], 0)
     if not extra or not _cpu_nhwc(x):
         return weight, pad4
     left, right, top, bottom = pad4
@@ -125,6 +135,46 @@ _BF16_NHWC_HANG_MIN_WIDTH = 14
 def _bf16_nhwc_would_hang(x: Tensor, weight: Tensor) -> bool:
     return (x.dtype == torch.bfloat16 and x.shape[1] <= _BF16_NHWC_HANG_MAX_CHANNELS
             and weight.shape[-1] >= _BF16_NHWC_HANG_MIN_WIDTH and _cpu_nhwc(x))
+
+
+def _live_taps(size: int, k: int, before: int, after: int) -> tuple[int, int]:
+    """The kernel taps ``[first, last]`` along one axis that ever meet the input (stride 1): with input length
+    ``size`` and ``before`` / ``after`` zero padding, output ``o`` reads input ``o - before + t`` for tap ``t``,
+    so a tap is live iff some output reads a real input element through it."""
+    n_out = size + before + after - k + 1
+    return max(0, before - n_out + 1), min(k - 1, size - 1 + before)
+
+
+def _crop_dead_taps(hw: tuple[int, int], kernel_hw: tuple[int, int], pad4: tuple[int, int, int, int]
+                    ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """Where a kernel is larger than the input plus its padding can use (RepLKNet's 31x31 kernel on a 14x14 or
+    7x7 map, a 3x48 strip on a 14-wide map), the outer taps only ever multiply the zero padding.
+
+    Returns ``(rows0, rows1, cols0, cols1)``, the live part of the kernel (inclusive), and the F.pad-style padding
+    that gives the same output with the kernel cut to it (exactly the same values: the dropped products are all
+    zero). Leaves both unchanged where every tap is live."""
+    (h, w), (kh, kw) = hw, kernel_hw
+    left, right, top, bottom = pad4
+    r0, r1 = _live_taps(h, kh, top, bottom)
+    c0, c1 = _live_taps(w, kw, left, right)
+    # output size kept: the far side's padding shrinks by what the cut removed there
+    return (r0, r1, c0, c1), (left - c0, right - (kw - 1 - c1), top - r0, bottom - (kh - 1 - r1))
+
+
+def _cpu_kernel(x: Tensor, weight: Tensor, pad4: tuple[int, int, int, int]
+                ) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """The kernel and padding a CPU/GPU library conv gets: dead taps cut (:func:`_crop_dead_taps`: RepLKNet-31B's
+    stage-3 31x31 kernels do 27x27 taps, its stage-4 ones 13x13), then slow widths widened
+    (:func:`_widen_for_cpu`). A cut of the columns that widening would undo (a 15-wide strip on a 7-wide map cut
+    to 13, widened back to 15) is not made."""
+    kh, kw = weight.shape[-2:]
+    (r0, r1, c0, c1), cut = _crop_dead_taps(tuple(x.shape[-2:]), (kh, kw), pad4)
+    if c1 - c0 + 1 + 2 * _cpu_widen_table().get(c1 - c0 + 1, 0) * _cpu_nhwc(x) >= kw:  # keep the columns
+        c0, c1 = 0, kw - 1
+        cut = (pad4[0], pad4[1], cut[2], cut[3])
+    if (r0, r1, c0, c1) != (0, kh - 1, 0, kw - 1):
+        weight, pad4 = weight[..., r0:r1 + 1, c0:c1 + 1], cut
+    return _widen_for_cpu(x, weight, pad4)
 
 
 def _symmetric(x: Tensor, weight: Tensor, pad4: tuple[int, int, int, int]
@@ -145,8 +195,9 @@ def _symmetric(x: Tensor, weight: Tensor, pad4: tuple[int, int, int, int]
 
 
 def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, int, int, int]) -> Tensor:
-    """F.conv2d with F.pad-style (left, right, top, bottom) padding, possibly asymmetric."""
-    weight, pad4 = _widen_for_cpu(x, weight, pad4)
+    """F.conv2d with F.pad-style (left, right, top, bottom) padding, possibly asymmetric (dead taps cut and slow
+    CPU widths widened by :func:`_cpu_kernel`)."""
+    weight, pad4 = _cpu_kernel(x, weight, pad4)
     if _bf16_nhwc_would_hang(x, weight):
         with torch.autocast(x.device.type, enabled=False):  # autocast would cast the fp32 inputs back
             return _conv(x.float(), weight.float(), None if bias is None else bias.float(), pad4).to(x.dtype)
@@ -207,6 +258,10 @@ def dwconv2d_grad_weight(grad_out: Tensor, x: Tensor, kernel_hw: tuple[int, int]
     with 2 threads (e.g. 72 channels, a 14 x 15 kernel). Elsewhere bfloat16 is cast to fp32 as well."""
     b, c, ho, wo = grad_out.shape
     kh, kw = kernel_hw
+    (r0, r1, c0, c1), cut = _crop_dead_taps(tuple(x.shape[-2:]), kernel_hw, pad4)
+    if (r0, r1, c0, c1) != (0, kh - 1, 0, kw - 1):  # dead taps (see _crop_dead_taps) have a zero gradient
+        live = dwconv2d_grad_weight(grad_out, x, (r1 - r0 + 1, c1 - c0 + 1), cut)
+        return F.pad(live, (c0, kw - 1 - c1, r0, kh - 1 - r1))
     cpu = grad_out.device.type == "cpu"
     half = grad_out.dtype in (torch.float16, torch.bfloat16)
     work = torch.float32 if half and not (cpu and grad_out.dtype == torch.bfloat16) else grad_out.dtype
@@ -471,7 +526,7 @@ def dwconv2d_sum(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], 
     for w, b, p in zip(weights[1:], biases[1:], paddings[1:]):
         _check_inputs(x, w, b)
         pad4 = normalize_padding(p, tuple(w.shape[-2:]))
-        wide, wide_pad4 = _widen_for_cpu(x, w, pad4)
+        wide, wide_pad4 = _cpu_kernel(x, w, pad4)
         xs, ws, padding = _symmetric(x, wide, wide_pad4)
         out_hw = (xs.shape[2] + 2 * padding[0] - ws.shape[2] + 1, xs.shape[3] + 2 * padding[1] - ws.shape[3] + 1)
         if out_hw != tuple(out.shape[2:]):
