@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lkvision.ops.linear import LINEAR_ACTS, fast_cpu_path_ok, linear, linear_reference, onednn_linear_available
+from lkvision.ops import autoselect
+from lkvision.ops import linear as linear_mod
+from lkvision.ops.linear import (
+    LINEAR_ACTS,
+    LINEAR_BACKENDS,
+    fast_cpu_path_ok,
+    linear,
+    linear_reference,
+    onednn_linear_available,
+)
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(torch.float32),
                                   reason="oneDNN inner product not available in this torch build")
@@ -22,12 +31,19 @@ def _data(dtype, shape=(2, 5, 7, 24), n=40, seed=0):
     return x, w, b, r
 
 
+@pytest.fixture(params=LINEAR_BACKENDS)
+def backend(request, monkeypatch):
+    """Each GEMM library in turn (autoselect would pick one per problem by timing)."""
+    monkeypatch.setenv("LKVISION_FORCE_BACKEND", f"linear={request.param}")
+    return request.param
+
+
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", list(LINEAR_ACTS))
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_inference_matches_reference(dtype, act, with_bias, with_residual):
+def test_inference_matches_reference(dtype, act, with_bias, with_residual, backend):
     """Fused oneDNN call where it runs for the dtype; elsewhere (bf16 on a CPU without AVX-512) the reference
     serves the call, and the result is checked the same way."""
     x, w, b, r = _data(dtype)
@@ -44,7 +60,7 @@ def test_inference_matches_reference(dtype, act, with_bias, with_residual):
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", [None, "gelu"])
-def test_backward_matches_reference(dtype, act):
+def test_backward_matches_reference(dtype, act, backend):
     """fwd + bwd against float64 F.linear: grad_x, grad_W (oneDNN reads the transposed strides), grad_b."""
     x, w, b, r = _data(dtype, shape=(3, 6, 5, 16), n=24, seed=1)
     leaves = [t.clone().requires_grad_() for t in (x, w, b, r)]
@@ -107,3 +123,47 @@ def test_compile_sees_the_reference():
     x, w, b, _ = _data(torch.float32, shape=(4, 8), n=6)
     fn = torch.compile(lambda x_: linear(x_, w, b, act="gelu"), backend="eager", fullgraph=True)
     torch.testing.assert_close(fn(x), F.gelu(F.linear(x, w, b)))
+
+
+@needs_onednn
+@pytest.mark.parametrize("faster", LINEAR_BACKENDS)
+def test_each_product_runs_on_the_library_measured_faster(faster, monkeypatch):
+    """The first call of a problem times both libraries (forward, grad_input and grad_weight products apart) and
+    caches the faster; later calls of the problem only look it up; LKVISION_AUTOSELECT=0 keeps oneDNN."""
+    monkeypatch.delenv("LKVISION_FORCE_BACKEND", raising=False)
+    monkeypatch.delenv("LKVISION_AUTOSELECT", raising=False)
+    autoselect.clear_cache()
+    timed, ran, names = [], [], {}
+    for name in LINEAR_BACKENDS:  # spies that record which library served a call
+        real = linear_mod._PRODUCTS[name]
+        spy = lambda *a, real=real, name=name: ran.append(name) or real(*a)  # noqa: E731
+        names[spy] = name
+        monkeypatch.setitem(linear_mod._PRODUCTS, name, spy)
+
+    def fake_timer(fn, cuda=False):
+        timed.append(names[fn.func])
+        return 1e-3 if names[fn.func] == faster else 2e-3
+
+    monkeypatch.setattr(linear_mod, "_timer", fake_timer)
+    x, w, b, r = _data(torch.float32, shape=(3, 6, 5, 16), n=24, seed=2)
+    try:
+        with torch.no_grad():
+            y = linear(x, w, b, act="gelu")
+            linear(x, w, b, act="gelu")
+        assert len(timed) == 2 and ran == [faster, faster]  # measured once, then looked up
+        torch.testing.assert_close(y, F.gelu(F.linear(x, w, b)), rtol=1e-5, atol=1e-5)
+        keys = {k[1][0] for k in autoselect.cache_table() if k[0] == "linear"}
+        assert keys == {"forward"}
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        ran.clear()
+        linear(*leaves, residual=r).sum().backward()
+        assert ran == [faster] * 3 and len(timed) == 2 + 2 * 3
+        assert {k[1][0] for k in autoselect.cache_table() if k[0] == "linear"} == {"forward", "grad_input",
+                                                                                   "grad_weight"}
+        monkeypatch.setenv("LKVISION_AUTOSELECT", "0")
+        ran.clear()
+        with torch.no_grad():
+            linear(x, w, b, act="gelu")
+        assert ran == ["onednn"]
+    finally:
+        autoselect.clear_cache()

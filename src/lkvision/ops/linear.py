@@ -10,11 +10,20 @@ through ``torch.ops.mkldnn._linear_pointwise`` (the op ``torch.compile`` uses fo
 bias, an activation (GELU, ReLU) and a residual add as post-ops, so the MLP's elementwise passes disappear.
 The results equal ``F.linear`` (+ act + add) up to fp32 summation order (tested).
 
+Which GEMM library is faster depends on the CPU: oneDNN's is about 2x MKL's on an AMD Zen 5 (AVX-512), equal on
+an Intel Xeon VM, and 0.85x on an AMD Zen 3 (AVX2, where MKL's SGEMM reaches 89 GFLOP/s per core and oneDNN's 75).
+So each product is timed once per problem on its first call, oneDNN (epilogue fused) against MKL (``addmm``, then
+the activation and the residual add in place on its output), and the faster one is cached
+(:mod:`lkvision.ops.autoselect`, op ``"linear"``; the key holds the kind of product, M, K, N, the dtype, the
+epilogue and the thread count). ``LKVISION_FORCE_BACKEND=linear=mkl`` (or ``=onednn``) fixes the choice, and
+``LKVISION_AUTOSELECT=0`` keeps oneDNN everywhere without timing (bitwise-reproducible runs).
+
 Paths:
-  * inference (no gradient needed): one oneDNN call, with the activation or the residual add fused;
-  * training: :class:`_OneDNNLinear`, an autograd function whose forward and both backward products
-    (``grad_x = g @ W``, ``grad_W = g.T @ x``) are oneDNN matmuls; the activation and the residual add then
-    run as ordinary PyTorch ops (their backward needs the pre-activation);
+  * inference (no gradient needed): one oneDNN call, with the activation or the residual add fused, or MKL's
+    ``addmm`` with the activation and the residual add in place;
+  * training: :class:`_FastLinear`, an autograd function whose forward and both backward products
+    (``grad_x = g @ W``, ``grad_W = g.T @ x``) each run on the library measured fastest for them; the activation
+    and the residual add then run as ordinary PyTorch ops (their backward needs the pre-activation);
   * everywhere else (not CPU, fp64/fp16, meta/fake/subclass tensors, ``torch.compile``/``torch.export``/
     ``torch.jit`` tracing, a ``TorchDispatchMode`` such as the FLOP counter, oneDNN missing): the reference,
     :func:`linear_reference` (``F.linear`` + activation + add), so compilers and exporters see standard ops.
@@ -25,16 +34,23 @@ see the oneDNN op).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import autoselect
 from .kernels._common import autocast_dtype, autocast_inputs, needs_grad
 
-__all__ = ["linear", "linear_reference", "LINEAR_ACTS", "onednn_linear_available", "fast_cpu_path_ok"]
+__all__ = ["linear", "linear_reference", "LINEAR_ACTS", "LINEAR_BACKENDS", "onednn_linear_available",
+           "fast_cpu_path_ok"]
+
+#: the GEMM libraries a CPU product can run on (the autoselect candidates of op "linear"); the first is the default
+LINEAR_BACKENDS = ("onednn", "mkl")
 
 #: activations that can be fused: name -> (oneDNN post-op, algorithm)
 LINEAR_ACTS: dict[str | None, tuple[str, str]] = {
@@ -135,14 +151,73 @@ def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None, act: str | None = No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """``x2d @ W.T + b`` with oneDNN matmuls in forward and backward. x2d (M, K), W (N, K), b (N,)."""
+def _activation_(y: Tensor, act: str | None) -> Tensor:
+    """The activation in place on a fresh GEMM output (no second full-size buffer)."""
+    if act == "gelu":
+        return torch._C._nn.gelu_(y)
+    if act == "gelu_tanh":
+        return torch._C._nn.gelu_(y, approximate="tanh")
+    return y if act is None else y.relu_()
+
+
+def _mkl(x2d: Tensor, weight: Tensor, bias: Tensor | None, act: str | None = None,
+         residual2d: Tensor | None = None) -> Tensor:
+    """``act(x2d @ weight.T + bias) + residual2d`` as the plain path computes it (MKL's GEMM through ``addmm``),
+    with the activation and the add in place on the GEMM's output. Any strides (MKL reads transposed operands)."""
+    y = torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
+    y = _activation_(y, act)
+    return y if residual2d is None else y.add_(residual2d)
+
+
+def _onednn_epilogue(x2d: Tensor, weight: Tensor, bias: Tensor | None, act: str | None,
+                     residual2d: Tensor | None) -> Tensor:
+    """The same with oneDNN: activation fused, or the residual add fused when there is no activation."""
+    if residual2d is None:
+        return _onednn(x2d, weight, bias, act)
+    if act is None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x2d, residual2d, weight, bias, "add")
+    return _onednn(x2d, weight, bias, act).add_(residual2d)
+
+
+_PRODUCTS = {"onednn": _onednn_epilogue, "mkl": _mkl}
+
+
+def _timer(fn, cuda: bool = False) -> float:
+    """Two warm-up calls, then the fastest of three (seconds). A GEMM's own time barely varies; what does is the
+    rest of the machine and first-use costs (oneDNN's JIT, fresh pages), which the minimum discards. Small, since
+    the first call of a model measures every new shape (a 224^2 batch-4 MLP product takes 1-20 ms)."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _product(kind: str, x2d: Tensor, weight: Tensor, bias: Tensor | None = None, act: str | None = None,
+             residual2d: Tensor | None = None) -> Tensor:
+    """``act(x2d @ weight.T + bias) + residual2d`` (no autograd) on the library measured fastest for this
+    problem; ``kind`` ("forward", "grad_input", "grad_weight") tells the operands' layouts apart in the key."""
+    key = (kind, *x2d.shape, weight.shape[0], str(x2d.dtype), act, bias is not None, residual2d is not None,
+           torch.get_num_threads())  # (plain scalars: autoselect's look-up needs no conversion)
+    args = (x2d, weight, bias, act, residual2d)
+    with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+        name = autoselect.choose("linear", key, {n: functools.partial(f, *args) for n, f in _PRODUCTS.items()},
+                                 LINEAR_BACKENDS[0], tensors=(x2d, weight), timer=_timer)
+        return _PRODUCTS[name](*args)
+
+
+class _FastLinear(torch.autograd.Function):
+    """``x2d @ W.T + b`` whose forward and backward products each run on the measured faster of oneDNN and MKL.
+    x2d (M, K), W (N, K), b (N,)."""
 
     @staticmethod
     def forward(ctx, x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x2d, weight)
         ctx.has_bias = bias is not None
-        return _onednn(x2d, weight, bias)
+        return _product("forward", x2d, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -151,9 +226,9 @@ class _OneDNNLinear(torch.autograd.Function):
         grad = grad.contiguous()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _onednn(grad, weight.t().contiguous(), None)  # (M, N) @ (N, K)
+            gx = _product("grad_input", grad, weight.t().contiguous())  # (M, N) @ (N, K)
         if ctx.needs_input_grad[1]:
-            gw = _onednn(grad.t(), x2d.t(), None)  # (N, M) @ (M, K); oneDNN reads the transposed strides
+            gw = _product("grad_weight", grad.t(), x2d.t())  # (N, M) @ (M, K); both libraries read the strides
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum(0)
         return gx, gw, gb
@@ -184,16 +259,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, act: str | 
         return linear_reference(x, weight, bias, act=act, residual=residual)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    lead = x.shape[:-1]
+    lead, n = x.shape[:-1], weight.shape[0]
     if not needs_grad(x, weight, bias, residual):
         x2d = x.reshape(-1, x.shape[-1])
-        if residual is None:
-            return _onednn(x2d, weight, bias, act).view(*lead, weight.shape[0])
-        if act is None and residual.dtype == x.dtype and residual.shape == (*lead, weight.shape[0]):
-            out = torch.ops.mkldnn._linear_pointwise.binary(x2d, residual.reshape(-1, weight.shape[0]), weight,
-                                                            bias, "add")
-            return out.view(*lead, weight.shape[0])
-        return _onednn(x2d, weight, bias, act).view(*lead, weight.shape[0]) + residual
-    y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).view(*lead, weight.shape[0])
+        fuse = residual is not None and residual.dtype == x.dtype and residual.shape == (*lead, n)
+        out = _product("forward", x2d, weight, bias, act, residual.reshape(-1, n) if fuse else None).view(*lead, n)
+        return out if residual is None or fuse else out + residual
+    y = _FastLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).view(*lead, n)
     y = _activation(y, act)
     return y if residual is None else y + residual
