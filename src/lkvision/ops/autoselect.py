@@ -102,7 +102,8 @@ from .kernels._common import failure_reason
 __all__ = ["choose", "triton_choice", "candidate", "measure", "measuring_allowed", "measured_device", "eligibility",
            "fallback_tag", "tag_failed",
            "report_failure", "failures", "save_table", "load_table", "clear_cache", "cache_table",
-           "BackendFallbackWarning", "MEASURED_DEVICE_TYPES", "TABLE_FORMAT", "TABLE_VERSION", "WARMUP", "REPEATS"]
+           "measure_min", "BackendFallbackWarning", "MEASURED_DEVICE_TYPES", "TABLE_FORMAT", "TABLE_VERSION",
+           "WARMUP", "REPEATS"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,23 @@ def measure(fn: Callable[[], object], cuda: bool = False, *, warmup: int | None 
             fn()
             times.append(time.perf_counter() - t0)
     return float(statistics.median(times))
+
+
+def measure_min(fn: Callable[[], object], cuda: bool = False) -> float:
+    """Seconds of the fastest of three calls after two warm-up calls (wall clock): the CPU operators' timer
+    (:mod:`lkvision.ops.linear`, the CPU FFT choice of :mod:`lkvision.ops.dwconv`). Their kernels' own time barely
+    varies; what does is the rest of the machine and first-use costs (oneDNN's JIT, fresh pages), which the
+    minimum discards. Small, because a model's first call measures every new shape."""
+    if cuda:
+        return measure(fn, True, warmup=2, repeats=3)
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 _timer: Timer = measure

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import autoselect
+from . import autoselect, dwconv_fft
 from ._fx import fx_leaf, fx_traces_as
 from .kernels._common import autocast_inputs, needs_grad
 
@@ -445,7 +445,8 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: Pad
         raise ValueError(f"dwconv2d: padded input {tuple(x.shape[2:])} + {pad4} is smaller than the kernel "
                          f"{tuple(weight.shape[2:])}")
     fallback = ""  # explicit impl="triton": kernel failures raise
-    if impl == "auto":  # resolved here, before the op call: the op's fake impl derives the layout from impl
+    auto = impl == "auto"
+    if auto:  # resolved here, before the op call: the op's fake impl derives the layout from impl
         impl, fallback = _auto_impl(x, weight, bias, pad4)
     elif impl == "triton":
         why = _triton_reason(x, weight, bias, pad4, needs_grad(x, weight, bias))
@@ -455,8 +456,22 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: Pad
         # plain PyTorch autograd (the baselines), the Triton module's own custom op with its own backward, or
         # an eager call that needs no gradient: the custom op (for autograd, torch.compile and export) would
         # only add its dispatch cost (~0.1 ms a call on CPU, 5 ms of an SW-tiny forward)
+        if auto and impl == "custom" and dwconv_fft.fft_eligible(x, tuple(weight.shape[-2:]), pad4):
+            return _direct_or_fft("dwconv2d_cpu", x, (weight,), lambda: _forward_impl(x, weight, bias, pad4, impl),
+                                  lambda: dwconv_fft.dwconv2d_fft(x, weight, bias, pad4), pad4)
         return _forward_impl(x, weight, bias, pad4, impl, fallback)
     return _dwconv2d_op(x, weight, bias, list(pad4), impl)
+
+
+def _direct_or_fft(op: str, x: Tensor, weights: tuple[Tensor, ...], direct, fft, *pad4s) -> Tensor:
+    """An eager no-grad CPU problem that both oneDNN's direct kernel and the FFT (:mod:`.dwconv_fft`) can serve:
+    the faster of the two, timed once per problem (autoselect ``op``; default and ``LKVISION_AUTOSELECT=0``:
+    direct; ``LKVISION_FORCE_BACKEND=fft`` forces the FFT where it is offered)."""
+    key = (*x.shape, str(x.dtype), _memory_layout(x), tuple(tuple(w.shape[-2:]) for w in weights), pad4s,
+           torch.get_num_threads())
+    name = autoselect.choose(op, key, {"direct": direct, "fft": fft}, "direct", tensors=(x, *weights),
+                             timer=autoselect.measure_min)
+    return fft() if name == "fft" else direct()
 
 
 def _eager_no_grad(*tensors: Tensor | None) -> bool:
@@ -519,7 +534,22 @@ def dwconv2d_sum(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], 
     if isinstance(x, Tensor) and all(isinstance(w, Tensor) for w in weights):
         cast = autocast_inputs(x, *weights, *biases)
         x, weights, biases = cast[0], list(cast[1:1 + len(weights)]), list(cast[1 + len(weights):])
-    if not (_eager_no_grad(x, *weights, *biases) and onednn_conv_add_available(x.dtype)):
+    if not _eager_no_grad(x, *weights, *biases):
+        return dwconv2d_sum_reference(x, weights, biases, paddings, impl)
+    if impl == "auto" and all(isinstance(w, Tensor) for w in weights):
+        pad4s = [normalize_padding(p, tuple(w.shape[-2:])) for w, p in zip(weights, paddings)]
+        kernel_hw, merged_pad4, _ = dwconv_fft.merge_geometry([tuple(w.shape[-2:]) for w in weights], pad4s)
+        if dwconv_fft.fft_eligible(x, kernel_hw, merged_pad4) and all(b is None or b.dtype == x.dtype for b in biases):
+            return _direct_or_fft("dwconv2d_sum_cpu", x, tuple(weights),
+                                  lambda: _sum_in_place(x, weights, biases, paddings, impl),
+                                  lambda: dwconv_fft.dwconv2d_sum_fft(x, weights, biases, pad4s), *pad4s)
+    return _sum_in_place(x, weights, biases, paddings, impl)
+
+
+def _sum_in_place(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], paddings: list,
+                  impl: str) -> Tensor:
+    """dwconv2d_sum's oneDNN path: each later term added into the first one's output in place (see there)."""
+    if not onednn_conv_add_available(x.dtype):
         return dwconv2d_sum_reference(x, weights, biases, paddings, impl)
     x = x.contiguous(memory_format=torch.channels_last)  # once, for every term (the CPU kernels' layout)
     out = dwconv2d(x, weights[0], biases[0], paddings[0], impl=impl)  # checks x and weights[0]; channels_last

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 import weakref
 
 import torch
@@ -183,17 +182,7 @@ _PRODUCTS = {"onednn": _onednn_epilogue, "mkl": _mkl}
 
 
 def _timer(fn, cuda: bool = False) -> float:
-    """Two warm-up calls, then the fastest of three (seconds). A GEMM's own time barely varies; what does is the
-    rest of the machine and first-use costs (oneDNN's JIT, fresh pages), which the minimum discards. Small, since
-    the first call of a model measures every new shape (a 224^2 batch-4 MLP product takes 1-20 ms)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return autoselect.measure_min(fn, cuda)
 
 
 def _product(kind: str, x2d: Tensor, weight: Tensor, bias: Tensor | None = None, act: str | None = None,
