@@ -158,3 +158,19 @@ def test_force_and_disable(fresh_autoselect):
     with torch.no_grad():
         _close(dwconv2d_sum(x, ws, bs, ps), want, 1e-5)
     assert len(calls) == 1  # neither forced-direct nor disabled measuring ran the FFT
+
+
+def test_spectrum_cache_drops_dead_weights_and_keeps_a_byte_cap(monkeypatch):
+    fft_mod._SPECTRA.clear()
+    x = torch.randn(1, 4, 16, 16)
+    w = torch.randn(4, 1, 15, 15)
+    dwconv2d_fft(x, w, None, (7, 7, 7, 7))
+    assert len(fft_mod._SPECTRA) == 1
+    del w  # the weights are gone: their entry goes at the next insert
+    keep = [torch.randn(4, 1, 15, 15) for _ in range(3)]
+    monkeypatch.setattr(fft_mod, "_SPECTRA_BYTES", 2 * 4 * 24 * 13 * 8)  # two spectra of (4, 24, 13) complex64
+    for k in keep:
+        dwconv2d_fft(x, k, None, (7, 7, 7, 7))
+    ids = {key[0][0] for key in fft_mod._SPECTRA}
+    assert ids == {id(keep[1]), id(keep[2])}  # the oldest live one was evicted beyond the cap
+    fft_mod._SPECTRA.clear()

@@ -67,7 +67,21 @@ def fft_eligible(x: Tensor, kernel_hw: tuple[int, int], pad4: tuple[int, int, in
 # (ids of the weights, their versions, FFT sizes, paddings) -> (weak references, spectrum). Deploy-form weights
 # do not change between calls; the weak references and version counters make a stale hit impossible.
 _SPECTRA: dict[tuple, tuple] = {}
-_SPECTRA_SIZE = 256
+_SPECTRA_BYTES = 256 << 20  # at most this much is kept (oldest first out); a 224^2 ConvNeXt-LK-T holds ~15 MB
+
+
+def _remember(key: tuple, sources: tuple[Tensor, ...], spec: Tensor) -> None:
+    """Cache ``spec``: entries whose weights are gone are dropped first, then the oldest beyond the byte cap."""
+    for k in [k for k, (refs, _) in _SPECTRA.items() if any(r() is None for r in refs)]:
+        del _SPECTRA[k]
+    _SPECTRA[key] = (tuple(weakref.ref(s) for s in sources), spec)
+    total = sum(_nbytes(v[1]) for v in _SPECTRA.values())
+    while total > _SPECTRA_BYTES and len(_SPECTRA) > 1:
+        total -= _nbytes(_SPECTRA.pop(next(iter(_SPECTRA)))[1])
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _spectrum(build: Callable[[], Tensor], pad4: tuple[int, int, int, int], sizes: tuple[int, int],
@@ -87,9 +101,7 @@ def _spectrum(build: Callable[[], Tensor], pad4: tuple[int, int, int, int], size
     placed[:, :kh, :kw] = weight[:, 0]
     placed = torch.roll(placed.flip((-2, -1)), shifts=(top + 1, left + 1), dims=(-2, -1))
     spec = torch.fft.rfft2(placed)
-    if len(_SPECTRA) >= _SPECTRA_SIZE:
-        _SPECTRA.pop(next(iter(_SPECTRA)))
-    _SPECTRA[key] = (tuple(weakref.ref(s) for s in sources), spec)
+    _remember(key, sources, spec)
     return spec
 
 
