@@ -11,6 +11,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lkvision.ops import autoselect as A
@@ -514,12 +515,54 @@ def test_cuda_auto_impl_compiles_without_graph_breaks(monkeypatch):
     assert h.timed == []
 
 
-def test_cpu_auto_is_custom_and_never_measures(monkeypatch):
+def test_cpu_auto_without_gradient_is_custom_and_never_measures(monkeypatch):
     def no_choose(*args, **kwargs):
-        raise AssertionError("choose must not be called on CPU")
+        raise AssertionError("choose must not be called for a no-grad CPU problem of this size")
 
     monkeypatch.setattr(A, "choose", no_choose)
-    x, w, b = _dw_inputs((True, True, True))
+    x, w, b = _dw_inputs()
     y = dwconv2d(x, w, b, (2, 2, 1, 1))
     assert y.is_contiguous(memory_format=torch.channels_last)  # the "custom" path's layout
     assert D._auto_impl(x, w, b, (2, 2, 1, 1)) == ("custom", "")
+
+
+@pytest.mark.parametrize("faster", ["custom", "channels_last"])
+def test_cpu_training_takes_the_backward_measured_faster(faster, monkeypatch):
+    """An eager CPU call that needs a gradient times one training step of our backward ("custom") against
+    PyTorch's own ("channels_last") once per problem and keeps the faster; the gradients are the same either
+    way; under a dispatch mode (no measuring) it is "custom"."""
+    monkeypatch.delenv("LKVISION_FORCE_BACKEND", raising=False)
+    monkeypatch.delenv("LKVISION_AUTOSELECT", raising=False)
+    A.clear_cache()
+    timed = []
+    real_op = D._dwconv2d_op
+
+    def spy_op(*args):
+        timed.append("custom")
+        return real_op(*args)
+
+    def timer(fn, cuda=False):
+        n = len(timed)
+        fn()
+        name = "custom" if len(timed) > n else "channels_last"
+        timed.append(name)
+        return 1e-3 if name == faster else 2e-3
+
+    monkeypatch.setattr(D, "_dwconv2d_op", spy_op)
+    monkeypatch.setattr(A, "measure_min", timer)
+    x, w, b = _dw_inputs((True, True, True))
+    try:
+        y = dwconv2d(x, w, b, (2, 2, 1, 1))
+        (entry,) = [e for (op, _), e in A.cache_table().items() if op == "dwconv2d_cpu_train"]
+        assert entry["winner"] == faster and set(entry["times_ms"]) == {"custom", "channels_last"}
+        y.square().sum().backward()
+        ref = [t.detach().double().requires_grad_() for t in (x, w, b)]
+        F.conv2d(F.pad(ref[0], (2, 2, 1, 1)), ref[1], ref[2], groups=3).square().sum().backward()
+        for got, want in zip((x, w, b), ref):
+            torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False):  # a dispatch mode: nothing measured, the default
+            assert D._auto_impl(x, w, b, (2, 2, 1, 1)) == ("custom", "")
+    finally:
+        A.clear_cache()

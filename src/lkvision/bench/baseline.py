@@ -25,6 +25,7 @@ __all__ = ["FAST_PATHS", "plain_pytorch", "rebind"]
 FAST_PATHS: tuple[tuple[str, str, str], ...] = (
     ("lkvision.ops.linear", "linear", "linear_reference"),
     ("lkvision.ops.dwconv", "dwconv2d_sum", "dwconv2d_sum_reference"),
+    ("lkvision.ops.dwconv", "dwconv2d_dilated", "dwconv2d_dilated_reference"),
     ("lkvision.layers.pointwise", "pointwise_mlp", "pointwise_mlp_reference"),
     ("lkvision.layers.pointwise", "pointwise_conv", "pointwise_conv_reference"),
     ("lkvision.layers.norm", "grn", "grn_reference"),
