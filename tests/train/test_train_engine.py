@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lkvision.models import CheckpointError
+from lkvision.ops import autoselect
 from lkvision.train import ConfigError, make_config, train
 from lkvision.train.checkpoint import find_latest, load_checkpoint
 from lkvision.train.cli import eval_main, train_main
@@ -129,10 +130,19 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path):
     straight = train(quick_cfg(tmp_path / "a", **kw))
     n = straight["steps"]
     assert n == 16
+    # a kernel choice measured in the run (this tiny model uses no measured op; an entry like the ops make)
+    autoselect.choose("test_op", (1, "x"), {"a": int, "b": int}, "a", timer=lambda fn, cuda: {int: 1.0}[fn])
     stopped = train(quick_cfg(tmp_path / "b", max_steps=5, **kw))  # "killed" mid-epoch 0 after step 5
     assert stopped["stopped_early"] and stopped["steps"] == 5
     assert find_latest(tmp_path / "b").name == "ckpt-00000005.state.pt"
+    # the kernel choices measured before the "kill" are in the run directory and the resumed run starts from them
+    saved = json.loads((tmp_path / "b" / "autoselect.json").read_text())["entries"]
+    assert any(e["op"] == "test_op" for e in saved)
+    autoselect.clear_cache()
     resumed = train(quick_cfg(tmp_path / "b", resume="auto", **kw))
+    table = autoselect.cache_table()
+    assert all(table[(e["op"], autoselect._tuplify(e["key"]))]["winner"] == e["winner"] for e in saved)
+    autoselect.clear_cache()
     assert resumed["steps"] == n
     wa, wb = weights_of(tmp_path / "a" / "final.safetensors"), weights_of(tmp_path / "b" / "final.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -300,3 +310,18 @@ def test_destroy_process_group_frees_gloo_after_ddp(tmp_path):
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_deterministic_runs_choose_no_kernel_by_timing(monkeypatch):
+    from lkvision.train.engine import _no_timed_choices
+
+    monkeypatch.setenv("LKVISION_AUTOSELECT", "1")
+    with _no_timed_choices(True):
+        assert os.environ["LKVISION_AUTOSELECT"] == "0"
+    assert os.environ["LKVISION_AUTOSELECT"] == "1"
+    monkeypatch.delenv("LKVISION_AUTOSELECT")
+    with _no_timed_choices(True):
+        assert os.environ["LKVISION_AUTOSELECT"] == "0"
+    assert "LKVISION_AUTOSELECT" not in os.environ
+    with _no_timed_choices(False):
+        assert "LKVISION_AUTOSELECT" not in os.environ

@@ -116,7 +116,7 @@ class TrainConfig:
     overwrite: bool = _f(False, "replace an existing run in output (its checkpoints, metrics, best/final weights)")
     max_steps: int | None = _f(None, "stop after this many optimizer steps in total (like a kill; for tests)")
     seed: int = _f(0, "random seed (data order, augmentation, init)")
-    deterministic: bool = _f(False, "torch.use_deterministic_algorithms")
+    deterministic: bool = _f(False, "torch.use_deterministic_algorithms, no kernel choice by timing (autoselect off)")
     progress: bool = _f(True, "tqdm progress bars (rank 0)")
     log_every: int = _f(50, "log train loss/lr every N optimizer steps")
     plot: bool = _f(True, "write curves.png (matplotlib, Agg)")

@@ -20,6 +20,7 @@ import csv
 import hashlib
 import io
 import math
+import os
 import sys
 import time
 import warnings
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from ..data import ResumableSampler, build_datasets, build_mixup, build_train_loss
 from ..fileio import atomic_write_json, atomic_write_text
+from ..ops import autoselect
 from .checkpoint import (
     ResumePoint,
     check_checkpoint,
@@ -324,8 +326,8 @@ def _train(cfg: TrainConfig, info: DistInfo, allow_pickle: bool = False) -> dict
     _claim_output(cfg, info)
     log = _Logger(info, Path(cfg.output))
     try:
-        with GracefulStop(announce=info.is_main) as stop:  # armed by _run for the training loop only
-            return _run(cfg, info, log, stop, allow_pickle)
+        with GracefulStop(announce=info.is_main) as stop, _no_timed_choices(cfg.deterministic):
+            return _run(cfg, info, log, stop, allow_pickle)  # (the stop handler is armed for the loop only)
     finally:
         log.close()
 
@@ -336,7 +338,7 @@ def _run(cfg: TrainConfig, info: DistInfo, log: _Logger, stop: GracefulStop,
     output = Path(cfg.output)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
+    if cfg.deterministic:  # (train() also turns off kernel choice by timing for the run)
         torch.use_deterministic_algorithms(True)
 
     # ------------------------------------------------------------------ data
@@ -392,6 +394,8 @@ def _run(cfg: TrainConfig, info: DistInfo, log: _Logger, stop: GracefulStop,
     point = _find_resume_point(cfg, output, info, log)
     if point is not None:
         from ..models import load_weights
+
+        _load_kernel_choices(output / AUTOSELECT_TABLE, log)
 
         resume_path, resume_state = point.path, point.state
         load_weights(model, point.weights)
@@ -482,6 +486,7 @@ def _run(cfg: TrainConfig, info: DistInfo, log: _Logger, stop: GracefulStop,
         if info.is_main:
             save_checkpoint(output, step_, unwrap_model(model).state_dict(), state)
             prune_checkpoints(output, cfg.keep_last)
+            autoselect.save_table(output / AUTOSELECT_TABLE)  # the kernel choices made so far (see resume)
         last_save.update(step=step_, path=output / f"ckpt-{step_:08d}.state.pt")
         barrier(info)
 
@@ -681,6 +686,41 @@ def _jsonable(obj):
     if isinstance(obj, (int, float, str, bool)) or obj is None:
         return obj
     return str(obj)
+
+
+@contextlib.contextmanager
+def _no_timed_choices(active: bool):
+    """``deterministic: true``: no kernel is chosen by timing during the run (``LKVISION_AUTOSELECT=0``: every
+    measured op takes its default path), restored afterwards."""
+    old = os.environ.get(autoselect.ENV_ENABLE)
+    if active:
+        os.environ[autoselect.ENV_ENABLE] = "0"
+    try:
+        yield
+    finally:
+        if active:
+            if old is None:
+                os.environ.pop(autoselect.ENV_ENABLE, None)
+            else:
+                os.environ[autoselect.ENV_ENABLE] = old
+
+
+#: the run directory's record of the kernel choices measured per problem (lkvision.ops.autoselect: the GEMM
+#: library of each linear product, direct vs FFT, our depth-wise backward vs PyTorch's, ...). Rewritten with
+#: every checkpoint and loaded on resume, so that a resumed run computes with the same kernels as the run it
+#: continues (measured afresh, a choice could differ and the results with it, by fp32 rounding).
+AUTOSELECT_TABLE = "autoselect.json"
+
+
+def _load_kernel_choices(path: Path, log: _Logger) -> None:
+    if not path.is_file():
+        return
+    try:
+        n = autoselect.load_table(path)
+    except ValueError as exc:  # a damaged record only costs re-measuring
+        warnings.warn(f"resume: ignoring {path.name}: {exc}; kernels are measured again", stacklevel=2)
+        return
+    log(f"resume: {n} kernel choices from {path.name}")
 
 
 def _find_resume_point(cfg: TrainConfig, output: Path, info: DistInfo, log: _Logger) -> ResumePoint | None:
