@@ -40,7 +40,9 @@ def _torchrun(args: list[str]) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # bit-exact comparison of separate processes: no kernel chosen by timing (each process, and each rank,
+    # would time its own; docs/training.md, "deterministic")
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "LKVISION_AUTOSELECT": "0"}
 
 
 def _worker_pid(agent: int, rank: int, timeout: float = 60.0) -> int:

@@ -184,13 +184,15 @@ def test_resume_command_drops_overwrite_and_old_resume():
 
 
 @pytest.mark.slow
-def test_real_ctrl_c_to_lkvision_train_then_resume(tmp_path):
+def test_real_ctrl_c_to_lkvision_train_then_resume(tmp_path, monkeypatch):
     """A real SIGINT to the process group of a real `lkvision train` (as a terminal's Ctrl-C: DataLoader workers
     get it too), then the printed resume command; the result equals an uninterrupted run bit for bit."""
     out = tmp_path / "run"
     args = ["--model", "sw_femto", "--output", str(out), "--set", "input_size=32", "--set", "train_subset=256",
             "--set", "val_subset=64", "--batch-size", "16", "--epochs", "2", "--workers", "1", "--no-progress",
             "--set", "reparam_check=false", "--set", "plot=false", "--set", "threads=1", "--set", "log_every=1"]
+    # bit-exact comparison of separate processes: no kernel chosen by timing (each process times its own)
+    monkeypatch.setenv("LKVISION_AUTOSELECT", "0")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "lkvision", "train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
