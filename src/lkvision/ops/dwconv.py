@@ -30,6 +30,7 @@ from torch import Tensor
 from . import autoselect, dwconv_fft
 from ._fx import fx_leaf, fx_traces_as
 from .kernels._common import autocast_inputs, needs_grad
+from .linear import fast_cpu_path_ok
 
 __all__ = ["dwconv2d", "dwconv2d_sum", "dwconv2d_sum_reference", "dwconv2d_dilated", "dwconv2d_dilated_reference",
            "normalize_padding", "dwconv2d_grad_input", "dwconv2d_grad_weight", "DWCONV_IMPLS"]
@@ -311,7 +312,7 @@ def _memory_layout(x: Tensor) -> str:
     return "strided"
 
 
-def _cuda_auto_key(x: Tensor, weight: Tensor, pad4: tuple[int, int, int, int], train: bool) -> tuple:
+def _auto_key(x: Tensor, weight: Tensor, pad4: tuple[int, int, int, int], train: bool) -> tuple:
     """The autoselect key of a dwconv2d problem: everything that changes which path is fastest."""
     b, c, h, w = x.shape
     kh, kw = weight.shape[-2:]
@@ -333,7 +334,7 @@ def _cuda_auto_impl(x: Tensor, weight: Tensor, bias: Tensor | None,
     candidates = {name: autoselect.candidate(lambda x_, w_, b_, name=name: _forward_impl(x_, w_, b_, pad4, name),
                                              (x, weight, bias), train)
                   for name in ("triton", "channels_last", "torch")}
-    return autoselect.triton_choice("dwconv2d", lambda: _cuda_auto_key(x, weight, pad4, train),
+    return autoselect.triton_choice("dwconv2d", lambda: _auto_key(x, weight, pad4, train),
                                     lambda: _triton_reason(x, weight, bias, pad4, train), candidates,
                                     _CUDA_AUTO_DEFAULT, "auto", (x, weight, bias))
 
@@ -344,7 +345,7 @@ def _cpu_train_impl(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[
     training step (forward + backward) of this problem was measured faster (autoselect op
     ``"dwconv2d_cpu_train"``). Ours wins by 10-100x for long strips; on an AMD Zen 3 PyTorch's wins for small
     square kernels on large maps (5x5 on (4, 80, 56, 56): 12.6 vs 17.5 ms)."""
-    key = (*_cuda_auto_key(x, weight, pad4, True), torch.get_num_threads())
+    key = (*_auto_key(x, weight, pad4, True), torch.get_num_threads())
     candidates = {
         "custom": autoselect.candidate(lambda x_, w_, b_: _dwconv2d_op(x_, w_, b_, list(pad4), "custom"),
                                        (x, weight, bias), True),
@@ -360,11 +361,8 @@ def _auto_impl(x: Tensor, weight: Tensor, bias: Tensor | None, pad4: tuple[int, 
     CUDA (``autoselect.MEASURED_DEVICE_TYPES``) -> measured per problem by :func:`_cuda_auto_impl`."""
     if autoselect.measured_device(x):
         return _cuda_auto_impl(x, weight, bias, pad4)
-    if x.device.type == "cpu" and needs_grad(x, weight, bias):
-        from .linear import fast_cpu_path_ok
-
-        if fast_cpu_path_ok(x, weight, bias):
-            return _cpu_train_impl(x, weight, bias, pad4), ""
+    if x.device.type == "cpu" and needs_grad(x, weight, bias) and fast_cpu_path_ok(x, weight, bias):
+        return _cpu_train_impl(x, weight, bias, pad4), ""
     return "custom", ""
 
 
@@ -498,8 +496,6 @@ def _direct_or_fft(op: str, x: Tensor, weights: tuple[Tensor, ...], direct, fft,
 
 def _eager_no_grad(*tensors: Tensor | None) -> bool:
     """A call on plain CPU tensors, outside compile/export/tracing and dispatch modes, that needs no gradient."""
-    from .linear import fast_cpu_path_ok
-
     return not needs_grad(*tensors) and fast_cpu_path_ok(*tensors)
 
 
@@ -558,7 +554,7 @@ def dwconv2d_sum(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], 
         x, weights, biases = cast[0], list(cast[1:1 + len(weights)]), list(cast[1 + len(weights):])
     if not _eager_no_grad(x, *weights, *biases):
         return dwconv2d_sum_reference(x, weights, biases, paddings, impl)
-    if impl == "auto" and all(isinstance(w, Tensor) for w in weights):
+    if impl == "auto":  # (past _eager_no_grad: plain CPU tensors)
         pad4s = [normalize_padding(p, tuple(w.shape[-2:])) for w, p in zip(weights, paddings)]
         kernel_hw, merged_pad4, _ = dwconv_fft.merge_geometry([tuple(w.shape[-2:]) for w in weights], pad4s)
         if dwconv_fft.fft_eligible(x, kernel_hw, merged_pad4) and all(b is None or b.dtype == x.dtype for b in biases):
@@ -627,8 +623,6 @@ def dwconv2d_dilated(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: i
     x (B, C, H, W); weight (C, 1, K, K) with odd K; bias (C,) or None. Returns (B, C, H, W)."""
     if dilation == 1 or x.device.type != "cpu" or x.dim() != 4 or weight.shape[-1] % 2 == 0:
         return dwconv2d_dilated_reference(x, weight, bias, dilation)
-    from .linear import fast_cpu_path_ok
-
     if not fast_cpu_path_ok(x, weight, bias):
         return dwconv2d_dilated_reference(x, weight, bias, dilation)
     train = needs_grad(x, weight, bias)
