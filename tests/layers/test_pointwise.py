@@ -109,6 +109,51 @@ def test_grn_matches_reference_and_zero_channel_gradient(beta):
         torch.testing.assert_close(grn(xc, gamma, None, inplace=True), grn_reference(x.detach(), gamma, None))
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_grn_training_function_gradcheck(chunked, monkeypatch):
+    """GRN's hand-written backward (one full-size buffer each way), with its H*W reduction in one product or in
+    row chunks through a reused buffer (as for large maps), against numerical gradients."""
+    from lkvision.layers import norm
+
+    if chunked:
+        monkeypatch.setattr(norm, "_HW_DOT_CHUNK", 2 * 3 * 5)  # 2 rows of (B=2, C=5) per chunk: 4 chunks
+        monkeypatch.setattr(norm, "_HW_DOT_MIN_CHUNKED", 0)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    gamma = torch.randn(1, 1, 1, 5, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(1, 1, 1, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, g, b: norm._GRNTrain.apply(a, g, b, 1e-6), (x, gamma, beta))
+    assert torch.autograd.gradcheck(lambda a, g: norm._GRNTrain.apply(a, g, None, 1e-6), (x, gamma))
+    with torch.no_grad():
+        torch.testing.assert_close(norm._hw_dot(x.reshape(2, 12, 5), x.reshape(2, 12, 5)),
+                                   (x * x).sum((1, 2)).reshape(2, 5))
+
+
+def test_grn_takes_the_training_function_only_where_it_applies(monkeypatch):
+    """fp32 with a gradient: the training function (same values and gradients as the reference, fp32 tolerance);
+    no gradient, or under autocast: the ops path."""
+    from lkvision.layers import norm
+
+    calls = []
+    real = norm._GRNTrain.apply
+    monkeypatch.setattr(norm._GRNTrain, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(2)
+    x = torch.randn(2, 7, 7, 16, requires_grad=True)
+    gamma = torch.randn(1, 1, 1, 16, requires_grad=True)
+    beta = torch.randn(1, 1, 1, 16, requires_grad=True)
+    y, ref = grn(x, gamma, beta), grn_reference(x, gamma, beta)
+    assert calls == [1]
+    torch.testing.assert_close(y, ref, **FP32)
+    gy = torch.randn_like(y)
+    for a, e in zip(_grads(y, [x, gamma, beta], gy), _grads(ref, [x, gamma, beta], gy)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        grn(x, gamma, beta)
+    with torch.autocast("cpu", torch.bfloat16):
+        grn(x.bfloat16(), gamma, beta)
+    assert calls == [1]
+
+
 def test_se_matches_reference():
     torch.manual_seed(0)
     se = SEBlock(16, 4)

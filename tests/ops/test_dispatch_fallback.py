@@ -500,7 +500,8 @@ MODELS = {"unireplknet_test": {"dwconv2d"}, "sw_femto": {"shiftwise_conv", "dwco
 
 
 # ops that autoselect measures on CPU (GEMM library, direct vs FFT); they have no Triton kernel
-CPU_OPS = frozenset({"linear", "dwconv2d_cpu", "dwconv2d_sum_cpu", "dwconv2d_cpu_train", "dwconv2d_dilated_cpu"})
+CPU_OPS = frozenset({"linear", "dwconv2d_cpu", "dwconv2d_sum_cpu", "dwconv2d_cpu_train", "dwconv2d_dilated_cpu",
+                     "dwconv2d_grad_weight_cpu"})
 
 
 def _kernel_entries() -> dict:

@@ -174,3 +174,78 @@ def test_spectrum_cache_drops_dead_weights_and_keeps_a_byte_cap(monkeypatch):
     ids = {key[0][0] for key in fft_mod._SPECTRA}
     assert ids == {id(keep[1]), id(keep[2])}  # the oldest live one was evicted beyond the cap
     fft_mod._SPECTRA.clear()
+
+
+def _grad_weight_ref(g, x, kernel, pad4):
+    """float64 weight gradient through autograd of F.conv2d (the definition, not our direct path)."""
+    w = torch.zeros(x.shape[1], 1, *kernel, dtype=torch.float64, requires_grad=True)
+    (gw,) = torch.autograd.grad(_ref(x.double(), w, None, pad4), w, g.double())
+    return gw
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("hw,kernel,pad4", [
+    ((20, 20), (15, 15), (7, 7, 7, 7)),  # "same"
+    ((17, 23), (13, 17), (2, 9, 10, 1)),  # asymmetric, rectangular, smaller output
+    ((14, 14), (3, 13), (6, 6, 1, 1)),  # a strip
+    ((9, 11), (9, 9), (8, 0, 0, 8)),  # all padding on one side
+    ((12, 10), (51, 5), (0, 4, 25, 25)),  # taller than the map (dead rows are cut before the FFT runs)
+])
+def test_fft_weight_gradient_matches_float64(hw, kernel, pad4, dtype, rel, channels_last):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, *hw, generator=gen, dtype=torch.float64)
+    ho = hw[0] + pad4[2] + pad4[3] - kernel[0] + 1
+    wo = hw[1] + pad4[0] + pad4[1] - kernel[1] + 1
+    g = torch.randn(3, 4, ho, wo, generator=gen, dtype=torch.float64)
+    want = _grad_weight_ref(g, x, kernel, pad4)
+    xs, gs = x.to(dtype), g.to(dtype)
+    if channels_last:
+        xs, gs = xs.contiguous(memory_format=torch.channels_last), gs.contiguous(memory_format=torch.channels_last)
+    if max(pad4[0], pad4[1]) < kernel[1] and max(pad4[2], pad4[3]) < kernel[0] and kernel[0] <= hw[0] + 1:
+        out = fft_mod.dwconv2d_grad_weight_fft(gs, xs, kernel, pad4)
+        assert out.shape == (4, 1, *kernel) and out.dtype == dtype and out.is_contiguous()
+        _close(out, want, rel)
+    # through dwconv2d's backward with the FFT forced (where a problem is not eligible, the direct path serves)
+    from lkvision.ops import dwconv as dw_mod
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LKVISION_FORCE_BACKEND", "dwconv2d_grad_weight_cpu=fft")
+        mp.setattr(fft_mod, "MIN_FFT_TAPS", 1)
+        mp.setattr(fft_mod, "MIN_FFT_ELEMENTS", 1)
+        autoselect.clear_cache()
+        _close(dw_mod.dwconv2d_grad_weight(gs, xs, kernel, pad4), want, rel)
+    autoselect.clear_cache()
+
+
+@pytest.mark.parametrize("faster", ["direct", "fft"])
+def test_training_weight_gradient_takes_the_measured_faster_path(faster, fresh_autoselect):
+    """The backward of dwconv2d on an eligible CPU problem times the direct (batch-folded conv) and the FFT weight
+    gradient once and keeps the faster; the gradient is right either way and the forward is not the FFT."""
+    monkeypatch = fresh_autoselect
+    calls = _spy(monkeypatch, "dwconv2d_grad_weight_fft")
+    fwd_calls = _spy(monkeypatch, "dwconv2d_fft")
+    timed = []
+
+    def timer(fn, cuda=False):
+        before = len(calls)
+        fn()
+        timed.append("fft" if len(calls) > before else "direct")
+        return 1e-3 if timed[-1] == faster else 2e-3
+
+    monkeypatch.setattr(autoselect, "measure_min", timer)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 32, 64, 64, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(32, 1, 51, 5, generator=gen) / 16
+    g = torch.randn(2, 32, 64, 64, generator=gen)
+    want = _grad_weight_ref(g, x, (51, 5), (2, 2, 25, 25))
+    for _ in range(2):
+        wl = w.clone().requires_grad_()
+        dwconv2d(x, wl, None, "same", impl="custom").backward(g)
+        _close(wl.grad, want, 1e-5)
+    assert timed.count("fft") == 1 and timed.count("direct") == 1  # timed once, then looked up
+    n_fft = len(calls)
+    assert n_fft == (3 if faster == "fft" else 1)  # one timing call, then both backward passes if it won
+    assert not fwd_calls
+    entry = autoselect.cache_table()
+    assert [e["winner"] for (op, _), e in entry.items() if op == "dwconv2d_grad_weight_cpu"] == [faster]

@@ -256,13 +256,28 @@ def dwconv2d_grad_weight(grad_out: Tensor, x: Tensor, kernel_hw: tuple[int, int]
     fp32 accumulation inside; 1.2-4x faster than casting to fp32 at SW-tiny's strips) and sums the batch in
     fp32, and float32 folds the input as channels_last (oneDNN's NHWC ``brdgmm_dw`` kernel: 1.1-3x faster
     than NCHW there). Not bf16 on the NHWC fold: oneDNN's bf16 NHWC kernel hangs for some of these problems
-    with 2 threads (e.g. 72 channels, a 14 x 15 kernel). Elsewhere bfloat16 is cast to fp32 as well."""
-    b, c, ho, wo = grad_out.shape
+    with 2 threads (e.g. 72 channels, a 14 x 15 kernel). Elsewhere bfloat16 is cast to fp32 as well.
+
+    Large kernels in eager CPU calls (fp32/fp64, :func:`lkvision.ops.dwconv_fft.fft_eligible`): the faster of
+    that conv and the FFT form (:func:`lkvision.ops.dwconv_fft.dwconv2d_grad_weight_fft`), timed once per
+    problem (autoselect op ``"dwconv2d_grad_weight_cpu"``; default and ``LKVISION_AUTOSELECT=0``: the conv)."""
     kh, kw = kernel_hw
     (r0, r1, c0, c1), cut = _crop_dead_taps(tuple(x.shape[-2:]), kernel_hw, pad4)
     if (r0, r1, c0, c1) != (0, kh - 1, 0, kw - 1):  # dead taps (see _crop_dead_taps) have a zero gradient
         live = dwconv2d_grad_weight(grad_out, x, (r1 - r0 + 1, c1 - c0 + 1), cut)
         return F.pad(live, (c0, kw - 1 - c1, r0, kh - 1 - r1))
+    if _eager_no_grad(grad_out, x) and dwconv_fft.fft_eligible(x, kernel_hw, pad4):
+        return _direct_or_fft("dwconv2d_grad_weight_cpu", x, (grad_out,),
+                              lambda: _grad_weight_direct(grad_out, x, kernel_hw, pad4),
+                              lambda: dwconv_fft.dwconv2d_grad_weight_fft(grad_out, x, kernel_hw, pad4), pad4)
+    return _grad_weight_direct(grad_out, x, kernel_hw, pad4)
+
+
+def _grad_weight_direct(grad_out: Tensor, x: Tensor, kernel_hw: tuple[int, int],
+                        pad4: tuple[int, int, int, int]) -> Tensor:
+    """:func:`dwconv2d_grad_weight` as one batch-folded library conv (every tap live)."""
+    b, c, ho, wo = grad_out.shape
+    kh, kw = kernel_hw
     cpu = grad_out.device.type == "cpu"
     half = grad_out.dtype in (torch.float16, torch.bfloat16)
     work = torch.float32 if half and not (cpu and grad_out.dtype == torch.bfloat16) else grad_out.dtype
