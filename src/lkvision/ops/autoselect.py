@@ -373,10 +373,11 @@ def _forbidden(op: str, policy: _Policy) -> frozenset[str]:
     return policy.forbid.get("*", frozenset()) | policy.forbid.get(op, frozenset())
 
 
-def _forced(op: str, candidates: Mapping[str, object], unavailable: Mapping[str, str], key: tuple) -> str | None:
+def _forced(op: str, candidates: Mapping[str, object], unavailable: Mapping[str, str], key: tuple,
+            policy: _Policy | None = None) -> str | None:
     """The name forced for ``op`` (``LKVISION_FORCE_BACKEND``) when it is one of its candidates; raises where it
     cannot run (an explicit request) or is not an implementation of ``op`` at all (a typo)."""
-    policy = _policy()
+    policy = _policy() if policy is None else policy
     name = policy.force.get(op)
     specific = name is not None
     if name is None:
@@ -394,9 +395,10 @@ def _forced(op: str, candidates: Mapping[str, object], unavailable: Mapping[str,
     return None  # a name forced for every op that this op does not have
 
 
-def _usable(op: str, key: tuple, candidates: Mapping[str, object], default: str) -> dict[str, object]:
+def _usable(op: str, key: tuple, candidates: Mapping[str, object], default: str,
+            policy: _Policy | None = None) -> dict[str, object]:
     """``candidates`` minus the forbidden ones (never ``default``) and those that failed for this key."""
-    forbidden = _forbidden(op, _policy())
+    forbidden = _forbidden(op, _policy() if policy is None else policy)
     failed = _failed.get((op, key), {})
     return {n: c for n, c in candidates.items() if (n == default or n not in forbidden) and n not in failed}
 
@@ -588,10 +590,11 @@ def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], def
         k = _normalize_key(op, key)
     except _Unkeyable:
         return default
-    forced = _forced(op, candidates, unavailable, k[1])
+    policy = _policy()  # (the environment is read once per call: this is the per-call path)
+    forced = _forced(op, candidates, unavailable, k[1], policy)
     if forced is not None:
         return forced
-    usable = _usable(op, k[1], candidates, default)
+    usable = _usable(op, k[1], candidates, default, policy)
     with _lock:
         entry = _cache.get(k)
     if entry is not None:

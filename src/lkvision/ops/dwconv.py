@@ -616,15 +616,20 @@ def _space_to_batch(x: Tensor, weight: Tensor, bias: Tensor | None, d: int) -> T
     """The dilated conv as an undilated one on the d x d interleaved sub-grids: output (h, w) = (d i + r, d j + s)
     only reads inputs of sub-grid (r, s), at sub-grid offsets of the undilated kernel. The map is zero-extended to
     a multiple of d (those zeros are the padding the reference sees), the sub-grids go to the batch dimension,
-    :func:`dwconv2d` ("same") runs, and the result is interleaved back (differentiable; two copies each way)."""
+    :func:`dwconv2d` ("same") runs, and the result is interleaved back (differentiable). Both rearrangements work
+    on the NHWC order (one copy each way, channels_last in and out: what the depth-wise kernel reads and writes,
+    and what the BN and the sum of UniRepLKNet's branches that follow read fastest); a map that was extended is
+    cut back with one more channels_last copy."""
     b, c, h, w = x.shape
     hp, wp = -(-h // d) * d, -(-w // d) * d
     if (hp, wp) != (h, w):
         x = F.pad(x, (0, wp - w, 0, hp - h))
-    sub = x.reshape(b, c, hp // d, d, wp // d, d).permute(0, 3, 5, 1, 2, 4).reshape(b * d * d, c, hp // d, wp // d)
-    y = dwconv2d(sub, weight, bias, "same")
-    y = y.reshape(b, d, d, c, hp // d, wp // d).permute(0, 3, 4, 1, 5, 2).reshape(b, c, hp, wp)
-    return y[..., :h, :w]
+    hs, ws = hp // d, wp // d
+    sub = (x.permute(0, 2, 3, 1).reshape(b, hs, d, ws, d, c).permute(0, 2, 4, 1, 3, 5)
+           .reshape(b * d * d, hs, ws, c).permute(0, 3, 1, 2))
+    y = dwconv2d(sub, weight, bias, "same").permute(0, 2, 3, 1)  # (B d d, hs, ws, C)
+    y = y.reshape(b, d, d, hs, ws, c).permute(0, 3, 1, 4, 2, 5).reshape(b, hp, wp, c).permute(0, 3, 1, 2)
+    return y if (hp, wp) == (h, w) else y[..., :h, :w].contiguous(memory_format=torch.channels_last)
 
 
 @fx_traces_as(dwconv2d_dilated_reference)
