@@ -215,7 +215,7 @@ class _FastLinear(torch.autograd.Function):
         grad = grad.contiguous()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _product("grad_input", grad, weight.t().contiguous())  # (M, N) @ (N, K)
+            gx = _product("grad_input", grad, weight.t())  # (M, N) @ (N, K); both libraries read the strides
         if ctx.needs_input_grad[1]:
             gw = _product("grad_weight", grad.t(), x2d.t())  # (N, M) @ (M, K); both libraries read the strides
         if ctx.has_bias and ctx.needs_input_grad[2]:
