@@ -109,7 +109,8 @@ class _GRNTrain(torch.autograd.Function):
     output) and one backward (the input gradient), where autograd through :func:`grn`'s ops allocates five
     (``x * x``, the output, ``g * scale``, ``g * x``, ``x * (2 g)``) and adds two gradients of ``x``. The small
     (B, C) statistics are differentiated by hand:
-    ``s = gamma * G / (mean_C G + eps) + 1`` with ``G = sqrt(max(sum_HW x^2, 1e-30))``, ``y = x * s + beta``."""
+    ``s = gamma * G / (mean_C G + eps) + 1`` with ``G = sqrt(max(sum_HW x^2, 1e-30))``, ``y = x * s + beta``.
+    Once differentiable: second derivatives (``create_graph=True``) raise; :func:`grn_reference` has them."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None, eps: float) -> torch.Tensor:
