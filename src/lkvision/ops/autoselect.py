@@ -374,10 +374,9 @@ def _forbidden(op: str, policy: _Policy) -> frozenset[str]:
 
 
 def _forced(op: str, candidates: Mapping[str, object], unavailable: Mapping[str, str], key: tuple,
-            policy: _Policy | None = None) -> str | None:
+            policy: _Policy) -> str | None:
     """The name forced for ``op`` (``LKVISION_FORCE_BACKEND``) when it is one of its candidates; raises where it
     cannot run (an explicit request) or is not an implementation of ``op`` at all (a typo)."""
-    policy = _policy() if policy is None else policy
     name = policy.force.get(op)
     specific = name is not None
     if name is None:
@@ -396,9 +395,9 @@ def _forced(op: str, candidates: Mapping[str, object], unavailable: Mapping[str,
 
 
 def _usable(op: str, key: tuple, candidates: Mapping[str, object], default: str,
-            policy: _Policy | None = None) -> dict[str, object]:
+            policy: _Policy) -> dict[str, object]:
     """``candidates`` minus the forbidden ones (never ``default``) and those that failed for this key."""
-    forbidden = _forbidden(op, _policy() if policy is None else policy)
+    forbidden = _forbidden(op, policy)
     failed = _failed.get((op, key), {})
     return {n: c for n, c in candidates.items() if (n == default or n not in forbidden) and n not in failed}
 
@@ -522,11 +521,12 @@ def _lookup_while_compiling(op: str, key: tuple, candidates: Mapping[str, object
         k = _normalize_key(op, key)[1]
     except _Unkeyable:
         return default
-    forced = _forced(op, candidates, unavailable, k)
+    policy = _policy()
+    forced = _forced(op, candidates, unavailable, k, policy)
     if forced is not None:
         return forced
     entry = _cache.get((op, k))
-    if entry is not None and entry.winner in _usable(op, k, candidates, default):
+    if entry is not None and entry.winner in _usable(op, k, candidates, default, policy):
         return entry.winner
     return default
 
@@ -590,7 +590,7 @@ def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], def
         k = _normalize_key(op, key)
     except _Unkeyable:
         return default
-    policy = _policy()  # (the environment is read once per call: this is the per-call path)
+    policy = _policy()  # (the environment is read once per call)
     forced = _forced(op, candidates, unavailable, k[1], policy)
     if forced is not None:
         return forced
