@@ -149,7 +149,7 @@ class _GRNTrain(torch.autograd.Function):
 def _grn_train_ok(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None) -> bool:
     """Where :class:`_GRNTrain` serves :func:`grn`: an eager call that records a graph, no autocast, one dtype."""
     return (torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad) and x.dim() == 4
-            and not torch.compiler.is_compiling() and autocast_dtype(x.device.type) is None
+            and autocast_dtype(x.device.type) is None
             and x.dtype in (torch.float32, torch.float64) and gamma.dtype == x.dtype
             and (beta is None or beta.dtype == x.dtype) and fast_cpu_path_ok(x, gamma, beta))
 
