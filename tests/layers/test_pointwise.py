@@ -129,6 +129,29 @@ def test_grn_training_function_gradcheck(chunked, monkeypatch):
                                    (x * x).sum((1, 2)).reshape(2, 5))
 
 
+def test_grn_inference_reduces_in_chunks_for_large_maps(monkeypatch):
+    """Inference GRN sums x^2 over (H, W) through the chunked reduction (no full-size x * x) for a contiguous
+    fp32/fp64 map: the reference's values, in one product or in chunks; a non-contiguous map or bf16 keeps the
+    full product."""
+    from lkvision.layers import norm
+
+    used = []
+    real = norm._hw_dot
+    monkeypatch.setattr(norm, "_hw_dot", lambda a, b: used.append(a.shape) or real(a, b))
+    monkeypatch.setattr(norm, "_HW_DOT_CHUNK", 2 * 3 * 5)
+    monkeypatch.setattr(norm, "_HW_DOT_MIN_CHUNKED", 0)
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    gamma, beta = torch.randn(1, 1, 1, 5, dtype=torch.float64), torch.randn(1, 1, 1, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(grn(x, gamma, beta), grn_reference(x, gamma, beta))
+        assert used == [(2, 12, 5)]
+        xt = x.transpose(1, 2)  # (2, 4, 3, 5), not contiguous
+        torch.testing.assert_close(grn(xt, gamma, beta), grn_reference(xt, gamma, beta))
+        grn(x.bfloat16(), gamma.bfloat16(), beta.bfloat16())
+    assert used == [(2, 12, 5)]
+
+
 def test_grn_takes_the_training_function_only_where_it_applies(monkeypatch):
     """fp32 with a gradient: the training function (same values and gradients as the reference, fp32 tolerance);
     no gradient, or under autocast: the ops path."""

@@ -148,3 +148,59 @@ def test_without_bn_is_a_plain_sum_and_merges_exactly():
         layer.reparameterize()
         assert layer.is_merged and torch.equal(layer.conv.bias, torch.zeros(6, dtype=torch.float64))
         assert torch.allclose(layer(x), ref, atol=1e-12)
+
+
+ACT_CASES = [
+    # (in, out, kernel, stride, groups, act, layout)
+    (3, 16, 3, 2, 1, nn.ReLU(), torch.channels_last),          # RepLKNet's first stem conv
+    (16, 16, 3, 1, 16, nn.ReLU(), torch.channels_last),        # its stride-1 depth-wise stem conv
+    (16, 16, 3, 2, 16, nn.ReLU6(), torch.contiguous_format),   # a strided depth-wise conv, ReLU6, NCHW
+    (8, 12, 5, 1, 4, nn.GELU(), torch.channels_last),          # grouped, GELU
+    (8, 12, 3, 1, 1, nn.GELU(approximate="tanh"), torch.contiguous_format),
+]
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,groups,act,layout", ACT_CASES)
+def test_conv_act_matches_reference_in_deploy_form(cin, cout, k, stride, groups, act, layout):
+    """A deployed ConvBNAct runs conv + activation as one oneDNN call in inference: the same values as
+    ``act(conv(x))`` (fp32 summation order), in the input's layout, for every fusable activation."""
+    from lkvision.layers.reparam_conv import _fused_conv_act_ok, conv_act, conv_act_reference, onednn_conv_act_available
+
+    torch.manual_seed(0)
+    m = ConvBNAct(cin, cout, k, stride=stride, groups=groups, act=act)
+    randomize_bn_and_scales(m)
+    m.eval()
+    x = torch.randn(2, cin, 11, 10).contiguous(memory_format=layout)
+    with torch.no_grad():
+        want = m(x)
+        m.reparameterize()
+        got = m(x)
+        ref = conv_act_reference(x, m.conv, m.act)
+        assert _fused_conv_act_ok(x, m.conv, m.act) == onednn_conv_act_available(torch.float32)
+    assert not _fused_conv_act_ok(x, m.conv, m.act)  # the weights need gradients: the two-op path
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert got.is_contiguous(memory_format=layout)
+    assert conv_act(x, m.conv, m.act).shape == ref.shape
+
+
+def test_conv_act_falls_back_where_it_cannot_fuse():
+    """Training (a graph is recorded), an activation oneDNN has no post-op for, autocast and a large stride-1
+    depth-wise kernel (dwconv2d's measured choice) take the conv-then-activation path, with gradients."""
+    from lkvision.layers.reparam_conv import _fused_conv_act_ok, conv_act, conv_act_reference
+
+    torch.manual_seed(1)
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    x = torch.randn(2, 6, 9, 9)
+    assert not _fused_conv_act_ok(x, conv, nn.SiLU())
+    assert not _fused_conv_act_ok(x.requires_grad_(), conv, nn.ReLU())  # conv.weight needs a gradient too
+    y = conv_act(x, conv, nn.ReLU())
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.autograd.grad(conv_act_reference(x, conv, nn.ReLU()).sum(), x)[0])
+    big = nn.Conv2d(6, 6, 13, padding=6, groups=6)
+    with torch.no_grad():
+        assert not _fused_conv_act_ok(x.detach(), big, nn.ReLU())
+        torch.testing.assert_close(conv_act(x.detach(), big, nn.ReLU()),
+                                   conv_act_reference(x.detach(), big, nn.ReLU()), rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", torch.bfloat16):
+            assert not _fused_conv_act_ok(x.detach(), conv, nn.ReLU())

@@ -31,6 +31,8 @@ FAST_PATHS: tuple[tuple[str, str, str], ...] = (
     ("lkvision.layers.norm", "grn", "grn_reference"),
     ("lkvision.layers.se", "se_scale", "se_scale_reference"),
     ("lkvision.layers.shiftwise", "select_channels", "select_channels_reference"),
+    ("lkvision.layers.shiftwise", "join_channels", "join_channels_reference"),
+    ("lkvision.layers.reparam_conv", "conv_act", "conv_act_reference"),
 )
 
 

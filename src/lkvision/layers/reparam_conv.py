@@ -9,15 +9,22 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops import dwconv as _dwconv
+from ..ops._fx import fx_traces_as
+from ..ops.dwconv_fft import MIN_FFT_TAPS
+from ..ops.kernels._common import autocast_dtype
+from ..ops.linear import fast_cpu_path_ok
 from .conv_bn import ConvBN, fuse_bn, pad_kernel_to
 
 __all__ = [
     "ReparamLargeKernelConv", "DepthwiseConv2d", "ConvBNAct", "depthwise_conv", "fold_bn_into_next_conv1x1",
+    "conv_act", "conv_act_reference",
 ]
 
 
@@ -64,6 +71,76 @@ class DepthwiseConv2d(nn.Conv2d):
         return depthwise_conv(x, self.weight, self.bias, self.padding, self.stride)
 
 
+def conv_act_reference(x: torch.Tensor, conv: nn.Conv2d, act: nn.Module) -> torch.Tensor:
+    """``act(conv(x))``: the conv's output, then the activation as a separate pass (the official code)."""
+    return act(conv(x))
+
+
+def _post_op(act: nn.Module) -> tuple[str, list[float], str] | None:
+    """oneDNN's post-op ``(attr, scalars, algorithm)`` for the activation module, or None where it has none."""
+    if type(act) is nn.ReLU:
+        return "relu", [], ""
+    if type(act) is nn.ReLU6:
+        return "hardtanh", [0.0, 6.0], ""
+    if type(act) is nn.GELU and act.approximate in ("none", "tanh"):
+        return "gelu", [], act.approximate
+    return None
+
+
+@functools.cache
+def onednn_conv_act_available(dtype: torch.dtype) -> bool:
+    """True when oneDNN's conv with a fused activation (``mkldnn::_convolution_pointwise``) runs here for
+    ``dtype`` and equals conv + ReLU (probed once on a tiny problem)."""
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x = (torch.arange(2 * 4 * 5 * 5, dtype=dtype).reshape(2, 4, 5, 5) / 50 - 1).contiguous(
+            memory_format=torch.channels_last)
+        w = torch.ones(4, 2, 3, 3, dtype=dtype) / 9
+        b = torch.full((4,), -0.25, dtype=dtype)
+        got = torch.ops.mkldnn._convolution_pointwise(x, w, b, [1, 1], [1, 1], [1, 1], 2, "relu", [], "")
+        want = F.relu(F.conv2d(x, w, b, padding=1, groups=2))
+        return bool(torch.allclose(got, want, rtol=1e-2, atol=1e-2))
+    except Exception:  # noqa: BLE001 - any failure (missing op, unsupported ISA) means: use the reference
+        return False
+
+
+def _fused_conv_act_ok(x: torch.Tensor, conv: nn.Conv2d, act: nn.Module) -> bool:
+    """Where :func:`conv_act` runs the conv and the activation as one oneDNN call: an eager CPU call that records
+    no graph, no autocast, one floating dtype, zero padding; not a stride-1 depth-wise conv that
+    :func:`lkvision.ops.dwconv2d` may run better (a kernel large enough for its measured FFT choice, or a width it
+    widens for this CPU)."""
+    w, b = conv.weight, conv.bias
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        return False
+    if (_post_op(act) is None or x.dim() != 4 or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+            or x.dtype != w.dtype or (b is not None and b.dtype != x.dtype) or x.shape[1] != conv.in_channels):
+        return False
+    depthwise_s1 = conv.groups == conv.in_channels == conv.out_channels and tuple(conv.stride) == (1, 1)
+    if depthwise_s1 and (w.shape[-2] * w.shape[-1] >= MIN_FFT_TAPS or w.shape[-1] in _dwconv._cpu_widen_table()):
+        return False
+    return (fast_cpu_path_ok(x, w, b) and autocast_dtype("cpu") is None and onednn_conv_act_available(x.dtype))
+
+
+@fx_traces_as(conv_act_reference)
+def conv_act(x: torch.Tensor, conv: nn.Conv2d, act: nn.Module) -> torch.Tensor:
+    """:func:`conv_act_reference` with the activation fused into oneDNN's conv (a post-op) for inference on CPU
+    (ReLU, ReLU6, GELU): no separate pass over the output and no second full-size buffer. RepLKNet's stem runs
+    a 3x3 depth-wise conv + ReLU on (4, 128, 112, 112): 46 ms as conv + ``F.relu`` (most of it first-touch page
+    faults of the ReLU's fresh 25 MB output), 6.5 ms fused (AMD Zen 3, one thread). Elsewhere (training,
+    autocast, other activations, large stride-1 depth-wise kernels): the conv as :class:`ConvBNAct` runs it, then
+    the activation. x (B, C_in, H, W) -> (B, C_out, H', W'), the layout of ``x``."""
+    if _fused_conv_act_ok(x, conv, act):
+        attr, scalars, algorithm = _post_op(act)
+        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(conv.padding),
+                                                       list(conv.stride), list(conv.dilation), conv.groups,
+                                                       attr, scalars, algorithm)
+    depthwise = conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
+    if depthwise and tuple(conv.dilation) == (1, 1) and conv.padding_mode == "zeros":
+        return act(depthwise_conv(x, conv.weight, conv.bias, conv.padding, conv.stride))
+    return act(conv(x))
+
+
 class ConvBNAct(ConvBN):
     """``act(BN(conv(x)))``; keys ``conv.*`` and ``bn.*`` as :class:`~lkvision.layers.ConvBN`.
 
@@ -82,6 +159,8 @@ class ConvBNAct(ConvBN):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
+        if isinstance(self.bn, nn.Identity) and c.kernel_size != (1, 1):  # deploy form: the activation fused
+            return conv_act(x, c, self.act)
         if self._depthwise:
             return self.act(self.bn(depthwise_conv(x, c.weight, c.bias, c.padding, c.stride)))
         return self.forward_fused(x, self.act)  # 1x1 convs: one fused GEMM (+ activation) once deployed

@@ -36,7 +36,10 @@ from ..ops import fold_shiftwise_weight, make_shift_tables, shiftwise_conv, shif
 from ..ops._fx import fx_traces_as
 from .conv_bn import make_bn
 
-__all__ = ["ShiftWiseConv2d", "ghost_split", "bn_affine", "select_channels", "select_channels_reference"]
+__all__ = [
+    "ShiftWiseConv2d", "ghost_split", "bn_affine", "select_channels", "select_channels_reference", "join_channels",
+    "join_channels_reference",
+]
 
 
 def ghost_split(channels: int, ghost_ratio: float, seed: int = 123) -> tuple[list[int], list[int]]:
@@ -75,8 +78,53 @@ def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     (the BNs after the shift, the residual add, the concatenation, the next BN, SE, the permute before the
     Linear layers) mixed layouts, in both directions: a mixed-layout BatchNorm backward on CPU runs 3-4x slower."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
+        # Gather on the (B*H*W, C) matrix: index_select along the last dim of the 4-D NHWC view runs 4-7x slower
+        # (stage 1 of SW-tiny, 60 of 80 channels at (4, 56, 56): 2.4 -> 0.34 ms; its backward is an index_add).
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c).index_select(1, index)
+        return rows.view(n, h, w, -1).permute(0, 3, 1, 2)
     return x.index_select(1, index)
+
+
+def join_channels_reference(y_rep: torch.Tensor, x_ghost: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([y_rep, x_ghost], dim=1)``: (B, R, H, W), (B, G, H, W) -> (B, R + G, H, W)."""
+    return torch.cat([y_rep, x_ghost], dim=1)
+
+
+class _JoinChannels(torch.autograd.Function):
+    """``cat`` along channels whose backward hands each input a *contiguous* gradient in the input's layout.
+
+    ``cat``'s own backward returns channel slices of the output gradient: views that are contiguous in neither
+    layout, and the CPU BatchNorm backward on such a gradient (the three BNs after the shift all receive it
+    through ``+``) takes a generic path 5-10x slower than on a contiguous one ((4, 246, 14, 14) channels_last:
+    1.33 vs 0.24 ms; (4, 60, 56, 56): 12.3 vs 1.3 ms), far more than the copy (0.05 / 0.18 ms)."""
+
+    @staticmethod
+    def forward(ctx, y_rep: torch.Tensor, x_ghost: torch.Tensor) -> torch.Tensor:
+        ctx.split = (y_rep.shape[1], x_ghost.shape[1])
+        ctx.formats = tuple(_layout(t) for t in (y_rep, x_ghost))
+        return torch.cat([y_rep, x_ghost], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (r, g), (fr, fg) = ctx.split, ctx.formats
+        return (grad.narrow(1, 0, r).contiguous(memory_format=fr),
+                grad.narrow(1, r, g).contiguous(memory_format=fg))
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@fx_traces_as(join_channels_reference)
+def join_channels(y_rep: torch.Tensor, x_ghost: torch.Tensor) -> torch.Tensor:
+    """:func:`join_channels_reference` whose backward gives both inputs contiguous gradients (see
+    :class:`_JoinChannels`); the plain ``cat`` when no gradient is needed."""
+    if torch.is_grad_enabled() and (y_rep.requires_grad or x_ghost.requires_grad):
+        return _JoinChannels.apply(y_rep, x_ghost)
+    return torch.cat([y_rep, x_ghost], dim=1)
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -227,7 +275,7 @@ class ShiftWiseConv2d(nn.Module):
     def _join(self, y_rep: torch.Tensor, x_ghost: torch.Tensor) -> torch.Tensor:
         if self.ghost_channels == 0:
             return y_rep
-        out = torch.cat([y_rep, x_ghost], dim=1)
+        out = join_channels(y_rep, x_ghost)
         if self.restore_channel_order:
             out = select_channels(out, self._restore_idx)
         return out
