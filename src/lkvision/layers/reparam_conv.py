@@ -135,10 +135,15 @@ def conv_act(x: torch.Tensor, conv: nn.Conv2d, act: nn.Module) -> torch.Tensor:
         return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(conv.padding),
                                                        list(conv.stride), list(conv.dilation), conv.groups,
                                                        attr, scalars, algorithm)
-    depthwise = conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
-    if depthwise and tuple(conv.dilation) == (1, 1) and conv.padding_mode == "zeros":
+    if _runs_as_depthwise(conv):
         return act(depthwise_conv(x, conv.weight, conv.bias, conv.padding, conv.stride))
     return act(conv(x))
+
+
+def _runs_as_depthwise(conv: nn.Conv2d) -> bool:
+    """A conv that :func:`depthwise_conv` computes: depth-wise (groups = in = out > 1), undilated, zero padding."""
+    return (conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
+            and tuple(conv.dilation) == (1, 1) and conv.padding_mode == "zeros")
 
 
 class ConvBNAct(ConvBN):
@@ -154,8 +159,7 @@ class ConvBNAct(ConvBN):
                  sync_bn: bool = False) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, groups=groups, sync_bn=sync_bn)
         self.act = act if act is not None else nn.Identity()
-        c = self.conv
-        self._depthwise = c.groups == c.in_channels == c.out_channels and c.dilation == (1, 1) and c.groups > 1
+        self._depthwise = _runs_as_depthwise(self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv

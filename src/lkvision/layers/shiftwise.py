@@ -34,6 +34,7 @@ from torch import nn
 
 from ..ops import fold_shiftwise_weight, make_shift_tables, shiftwise_conv, shiftwise_deploy_conv, strip_paddings
 from ..ops._fx import fx_traces_as
+from ..ops.kernels._common import is_channels_last, memory_format_of
 from .conv_bn import make_bn
 
 __all__ = [
@@ -77,7 +78,7 @@ def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     ``index_select`` returns NCHW for any input, so in a channels_last model every op after the ghost split
     (the BNs after the shift, the residual add, the concatenation, the next BN, SE, the permute before the
     Linear layers) mixed layouts, in both directions: a mixed-layout BatchNorm backward on CPU runs 3-4x slower."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         # Gather on the (B*H*W, C) matrix: index_select along the last dim of the 4-D NHWC view runs 4-7x slower
         # (stage 1 of SW-tiny, 60 of 80 channels at (4, 56, 56): 2.4 -> 0.34 ms; its backward is an index_add).
         n, c, h, w = x.shape
@@ -102,7 +103,7 @@ class _JoinChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_rep: torch.Tensor, x_ghost: torch.Tensor) -> torch.Tensor:
         ctx.split = (y_rep.shape[1], x_ghost.shape[1])
-        ctx.formats = tuple(_layout(t) for t in (y_rep, x_ghost))
+        ctx.formats = (memory_format_of(y_rep), memory_format_of(x_ghost))
         return torch.cat([y_rep, x_ghost], dim=1)
 
     @staticmethod
@@ -110,12 +111,6 @@ class _JoinChannels(torch.autograd.Function):
         (r, g), (fr, fg) = ctx.split, ctx.formats
         return (grad.narrow(1, 0, r).contiguous(memory_format=fr),
                 grad.narrow(1, r, g).contiguous(memory_format=fg))
-
-
-def _layout(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 @fx_traces_as(join_channels_reference)

@@ -177,6 +177,11 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for an NHWC tensor (:func:`is_channels_last`), else ``torch.contiguous_format``."""
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+
+
 def empty_like_layout(x: torch.Tensor, shape: tuple[int, ...], channels_last: bool,
                       dtype: torch.dtype | None = None) -> torch.Tensor:
     fmt = torch.channels_last if channels_last else torch.contiguous_format

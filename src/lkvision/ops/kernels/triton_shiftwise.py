@@ -34,6 +34,7 @@ from ._common import (
     SUPPORTED_DTYPES,
     autocast_inputs,
     is_channels_last,
+    memory_format_of,
     run_guarded,
     same_device_reason,
 )
@@ -78,10 +79,6 @@ def _offsets(kh: Tensor, big_kernel: int) -> list[tuple[int, int]]:
             for left_right_top_bottom in _term_paddings(kh, big_kernel)]
 
 
-def _layout(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
-
-
 def fused_strips_reference(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None,
                                big_kernel: int, separate: bool = True):
     """Three depth-wise ``F.conv2d`` calls (the PyTorch definition the kernel must match)."""
@@ -123,7 +120,7 @@ def can_run(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Tensor | None, 
                                 "-> (Tensor, Tensor, Tensor)")
 def _shiftwise_op(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, big_kernel: int, fallback: str):
     def reference():
-        fmt = _layout(x)
+        fmt = memory_format_of(x)
         return tuple(t.contiguous(memory_format=fmt)
                      for t in fused_strips_reference(x, kh, kv, ks, None, big_kernel, separate=True))
 
@@ -137,7 +134,7 @@ def _shiftwise_op(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, big_kernel: int
 
 @_shiftwise_op.register_fake
 def _(x, kh, kv, ks, big_kernel, fallback):
-    return tuple(torch.empty_like(x, memory_format=_layout(x)) for _ in range(3))
+    return tuple(torch.empty_like(x, memory_format=memory_format_of(x)) for _ in range(3))
 
 
 @torch.library.custom_op("lkvision::triton_shiftwise_fused", mutates_args=(),
@@ -147,10 +144,10 @@ def _shiftwise_fused_op(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Ten
                         big_kernel: int, fallback: str) -> Tensor:
     def reference() -> Tensor:
         out = fused_strips_reference(x, kh, kv, ks, bias, big_kernel, separate=False)
-        return out.contiguous(memory_format=_layout(x))
+        return out.contiguous(memory_format=memory_format_of(x))
 
     def launch() -> Tensor:
-        xs = x if x.is_contiguous(memory_format=_layout(x)) else x.contiguous(memory_format=_layout(x))
+        xs = x.contiguous(memory_format=memory_format_of(x))
         return dwconv_forward_terms([xs, xs, xs], [kh, kv, ks], _offsets(kh, big_kernel), tuple(x.shape[-2:]),
                                     identity=xs, bias=bias)[0]
 
@@ -161,7 +158,7 @@ def _shiftwise_fused_op(x: Tensor, kh: Tensor, kv: Tensor, ks: Tensor, bias: Ten
 
 @_shiftwise_fused_op.register_fake
 def _(x, kh, kv, ks, bias, big_kernel, fallback):
-    return torch.empty_like(x, memory_format=_layout(x))
+    return torch.empty_like(x, memory_format=memory_format_of(x))
 
 
 @torch.library.custom_op("lkvision::triton_shiftwise_grad_input", mutates_args=(),
